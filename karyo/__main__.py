@@ -1,0 +1,7 @@
+"""``python -m karyo`` is the ``karyo`` command."""
+
+import sys
+
+from karyo.cli import main
+
+sys.exit(main())

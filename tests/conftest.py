@@ -1,0 +1,46 @@
+"""Shared fixtures: small generated karyogram-like images and the optional shared data."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+#: ../shared/data beside the repository; absent in a user's fresh clone.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    """The shared real-data folder, or skip the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+def blob_image(seed, size=48, abnormal=False):
+    """A gray 'karyogram-like' image: dark bars on white; abnormal ones have an extra bar."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size), 255, np.uint8)
+    n = 4 + int(abnormal)
+    for k in range(n):
+        x = 3 + k * (size - 6) // n
+        h = int(rng.integers(size // 3, size - 8))
+        image[4:4 + h, x:x + 3] = rng.integers(0, 90)
+    return image
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    """A folder with normal/ and abnormal/ sub-folders of small PNG images."""
+    import cv2
+
+    root = tmp_path / "karyograms"
+    for label, count in (("normal", 6), ("abnormal", 4)):
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            cv2.imwrite(str(root / label / f"{label}_{i}.png"), blob_image(i, abnormal=label == "abnormal"))
+    return root
