@@ -34,11 +34,12 @@ def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     For writers that insist on a file name (``model.save``, ``fig.savefig``). The temporary
-    name keeps the real suffix so that such writers pick the right format.
+    name ends like the real one (``.weights.h5``, ``.keras``, ``.png``) so that such writers
+    pick the right format.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    tmp = path.with_name(f".partial-{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -128,7 +128,365 @@ def add_data_commands(sub):
                    help="do not decode images (existence and sha256 only)")
     p.add_argument("--quiet", action="store_true", help="print bad rows only")
     p.set_defaults(func=cmd_data_verify)
+    add_data_generators(dsub)
     return data
+
+
+def cmd_data_synth(args):
+    from karyo.synth import synthesize
+
+    out = synthesize(args.out, normal=args.normal, abnormal=args.abnormal, size=args.size,
+                     seed=args.seed, stain=args.stain, variants=args.variants, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_assemble(args):
+    from karyo.assemble import assemble_cells
+
+    out = assemble_cells(args.cells, args.out, size=args.size,
+                         include_uncertain=args.include_uncertain, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_chromosomes(args):
+    from karyo.assemble import chromosome_manifest
+
+    out = chromosome_manifest(args.cells, args.out, size=args.size, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_augment(args):
+    from karyo.augment import augment_manifest
+
+    out = augment_manifest(args.manifest, args.out, normal=args.normal, abnormal=args.abnormal,
+                           brightness=args.brightness, noise=args.noise, blur=args.blur,
+                           seed=args.seed, root=args.root, progress=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_data_generators(dsub):
+    p = dsub.add_parser(
+        "synth", help="render synthetic G-banded karyograms (the embedded default dataset)",
+        description="Render karyograms from the UCSC hg38 cytoband table shipped with karyo: 22 "
+        "autosome pairs and the sex chromosomes in the standard layout, with pair numbers. Normal "
+        "cells are 46,XX or 46,XY; abnormal ones carry trisomies, sex-chromosome aneuploidies, "
+        "cri-du-chat del(5)(p14) or the Philadelphia t(9;22). The defaults are the thesis' "
+        "alpha-dataset: 105 normal and 41 abnormal karyograms at 416x416.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder to create (manifest.csv + images)")
+    p.add_argument("--normal", type=_non_negative_int, default=105, help="normal karyograms (105)")
+    p.add_argument("--abnormal", type=_non_negative_int, default=41, help="abnormal karyograms (41)")
+    p.add_argument("--size", type=_positive_int, default=416, help="image side in pixels (416)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--stain", choices=("g", "q"), default="g",
+                   help="g: G-banding (dark bands on white); q: Q-banding (bright on dark)")
+    p.add_argument("--variants", action="store_true",
+                   help="add inv(9)(p12q13), a common normal variant, among the normal cells")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = dsub.add_parser(
+        "assemble", help="lay each cell's chromosome crops out as an ordered karyogram",
+        description="Assemble real karyograms from segmented chromosome crops "
+        "(CELLS/cells/<cell>/<k>/<i>.png with k = 1..22, 23 = X, 24 = Y, and CELLS/cells.csv), in "
+        "the standard layout (rows 1-5 / 6-12 / 13-18 / 19-22,X,Y). group = case, so splits never "
+        "share a patient.",
+    )
+    p.add_argument("--cells", required=True, type=Path, help="the set's folder (holds cells/ and cells.csv)")
+    p.add_argument("--out", required=True, type=Path, help="folder to create (manifest.csv + images)")
+    p.add_argument("--size", type=_positive_int, default=416, help="image side in pixels (416)")
+    p.add_argument("--include-uncertain", action="store_true",
+                   help="keep cells labelled 'uncertain' (irregular chromosome counts)")
+    p.set_defaults(func=cmd_data_assemble)
+
+    p = dsub.add_parser(
+        "chromosomes", help="single-chromosome manifest (24 classes) for two-step transfer",
+        description="Write a manifest of single chromosome crops labelled 1..22, X, Y (group = "
+        "case): the intermediate task of two-step transfer learning.",
+    )
+    p.add_argument("--cells", required=True, type=Path, help="the set's folder (holds cells/ and cells.csv)")
+    p.add_argument("--out", required=True, type=Path, help="folder to create (manifest.csv + crops)")
+    p.add_argument("--size", type=_positive_int, default=None, help="pad to square and resize to this side")
+    p.set_defaults(func=cmd_data_chromosomes)
+
+    p = dsub.add_parser(
+        "augment", help="the thesis' augmentation: brightness, noise, blur; never geometry",
+        description="Offline, order-preserving augmentation (thesis 3.1.2): brightness within "
+        "+-25 %, noise on up to 5 % of the pixels, optional blur; never flips, rotations, crops "
+        "or shears, because a karyogram's layout is its meaning. Classes are balanced as the thesis "
+        "did (105/41 -> 376/316, scaled to the input's size). Copies keep their source's group.",
+    )
+    p.add_argument("manifest", type=Path, help="manifest CSV to augment")
+    p.add_argument("--out", required=True, type=Path, help="folder to create (manifest.csv + images)")
+    p.add_argument("--normal", type=_non_negative_int, help="normal images wanted (originals included)")
+    p.add_argument("--abnormal", type=_non_negative_int, help="abnormal images wanted (originals included)")
+    p.add_argument("--brightness", type=_fraction, default=0.25, help="largest brightness change (0.25)")
+    p.add_argument("--noise", type=_fraction, default=0.05, help="largest share of noisy pixels (0.05)")
+    p.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in pixels (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--root", type=Path, help="folder the manifest's paths are relative to")
+    p.set_defaults(func=cmd_data_augment)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def cmd_list(args):
+    from karyo.experiments import list_experiments
+
+    experiments = list_experiments(args.family)
+    width = max(len(e.name) for e in experiments)
+    current = None
+    for e in experiments:
+        if e.family != current:
+            current = e.family
+            print("Thesis Table 5.1 rows:" if current == "thesis" else "\nBeyond the thesis:")
+        unfreeze = {0: "frozen backbone", "all": "entire network trained"}.get(
+            e.unfreeze, f"last {e.unfreeze} block(s) trained")
+        data = "augmented" if e.augmented else "original"
+        ref = ""
+        if e.thesis:
+            t = e.thesis
+            ref = f"  [thesis: acc {t.accuracy:.2f} prec {t.precision:.2f} rec {t.recall:.2f} AUC {t.auc:.2f}]"
+        print(f"  {e.name:<{width}}  {e.backbone}, {data} data, {unfreeze}, {e.weights} weights, "
+              f"{e.uncertainty}{ref}")
+    return 0
+
+
+def _load_hyperparameters(path):
+    import json
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise KaryoError(f"{path}: hyperparameter file not found") from None
+    except json.JSONDecodeError as exc:
+        raise KaryoError(f"{path}: not valid JSON ({exc.msg})") from None
+    values = data.get("hyperparameters", data)
+    allowed = {"lr", "batch_size", "dropout", "unfreeze", "dense_units"}
+    return {k: v for k, v in values.items() if k in allowed}
+
+
+def cmd_train(args):
+    from karyo.experiments import get_experiment
+    from karyo.training import train_experiment
+
+    overrides = _load_hyperparameters(args.hyperparameters)
+    overrides.update({k: v for k, v in {
+        "epochs": args.epochs, "fine_tune_epochs": args.fine_tune_epochs,
+        "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr,
+        "weights": args.weights, "ensemble": args.ensemble, "mc_passes": args.mc,
+        "threshold": args.threshold,
+    }.items() if v is not None})
+    experiment = get_experiment(args.experiment, **overrides)
+    run = train_experiment(experiment, args.data, args.out, protocol=args.split, seed=args.seed,
+                           resume=args.resume, root=args.root, cache_dir=args.cache,
+                           class_weight=args.class_weight, verbose=1 if args.verbose else 2)
+    _print_metrics(run)
+    return 0
+
+
+def _print_metrics(run):
+    import json
+
+    metrics = json.loads((Path(run) / "metrics.json").read_text())
+    keys = ("accuracy", "precision", "recall", "auc", "referral_rate", "retained_accuracy")
+    shown = "  ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
+    print(f"{run}: {shown}")
+
+
+def cmd_evaluate(args):
+    from karyo.runs import evaluate_run
+
+    evaluate_run(args.run, passes=args.mc, threshold=args.threshold, seed=args.seed)
+    _print_metrics(args.run)
+    return 0
+
+
+def cmd_predict(args):
+    from karyo.runs import predict_paths
+    from karyo.uncertainty import write_predictions
+
+    rows, problems = predict_paths(args.model, args.paths, passes=args.mc, threshold=args.threshold,
+                                   seed=args.seed)
+    for path, reason in problems:
+        print(f"karyo: skipped {path}: {reason}", file=sys.stderr)
+    if rows:
+        width = min(60, max(len(r["path"]) for r in rows))
+        print(f"{'karyogram':<{width}}  {'prediction':<10}  confidence  mean_prob  decision")
+        for r in rows:
+            decision = "refer to manual review" if r["refer"] else "accept"
+            print(f"{r['path'][-width:]:<{width}}  {r['pred_label']:<10}  {r['confidence']:>10.0%}  "
+                  f"{r['mean_prob']:>9.3f}  {decision}")
+        if args.out:
+            write_predictions(args.out, rows)
+            print(f"wrote {args.out}")
+    return 1 if problems else 0
+
+
+def add_model_commands(sub):
+    p = sub.add_parser("list", help="the experiment registry",
+                       description="List every registered experiment: the seven rows of the "
+                       "thesis' Table 5.1 (with its published numbers) and the runs beyond it.")
+    p.add_argument("--family", choices=("thesis", "beyond"), help="only one family")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "train", help="train an experiment into a run folder",
+        description="Train a registered experiment (see 'karyo list') on a manifest, then evaluate "
+        "its test split with MC Dropout. Defaults are the thesis': 416x416 input, Adam lr 1e-3, "
+        "batch 16, 64/16/20 split, 100 MC passes, 80 % referral threshold. The run folder gets "
+        "config.json, history.csv, model.keras, predictions.csv, metrics.json, figures/ and "
+        "TensorBoard logs.",
+    )
+    p.add_argument("experiment", help="experiment name, e.g. vgg16_augmented")
+    p.add_argument("--data", required=True, type=Path, help="manifest CSV (labels normal/abnormal)")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--root", type=Path, help="folder the manifest's paths are relative to")
+    p.add_argument("--split", choices=("grouped", "thesis"), default="grouped",
+                   help="grouped: split by group, augment the training part only (default); "
+                   "thesis: augment then split per image, as published (leaky)")
+    p.add_argument("--epochs", type=_positive_int, help="head-training epochs")
+    p.add_argument("--fine-tune-epochs", type=_non_negative_int, help="epochs after unfreezing")
+    p.add_argument("--image-size", type=_positive_int, help="input side in pixels (416)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size (16)")
+    p.add_argument("--lr", type=_positive_float, help="learning rate (1e-3)")
+    p.add_argument("--weights", help="imagenet | none | auto | path to a weights file")
+    p.add_argument("--hyperparameters", type=Path, help="best.json from 'karyo tune'")
+    p.add_argument("--ensemble", type=_positive_int, help="train a deep ensemble of this many members")
+    p.add_argument("--class-weight", choices=("none", "balanced"), default=None,
+                   help="weigh classes by inverse frequency")
+    p.add_argument("--mc", type=_positive_int, help="MC Dropout passes at evaluation (100)")
+    p.add_argument("--threshold", type=_fraction, help="referral threshold on the confidence (0.8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, augmentation and weights")
+    p.add_argument("--cache", type=Path, help="feature cache folder ($KARYO_CACHE or ~/.cache/karyo)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--verbose", action="store_true", help="per-batch progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="re-evaluate a run's test split with MC Dropout",
+        description="Evaluate a trained run's test split again (e.g. with another number of MC "
+        "passes or another referral threshold) and rewrite its predictions, metrics and figures.",
+    )
+    p.add_argument("run", type=Path, help="run folder written by 'karyo train'")
+    p.add_argument("--mc", type=_positive_int, default=100, help="MC Dropout passes (100)")
+    p.add_argument("--threshold", type=_fraction, default=0.8, help="referral threshold (0.8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict", help="score new karyograms with a trained run",
+        description="Score karyogram files or folders with a trained run: majority label of the MC "
+        "passes, confidence (share of votes), mean probability of abnormal, and whether to refer the "
+        "case to manual review. Unreadable files are reported and skipped; the exit status is 1 if "
+        "any input was bad.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="run folder written by 'karyo train'")
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--mc", type=_positive_int, default=100, help="MC Dropout passes (100)")
+    p.add_argument("--threshold", type=_fraction, default=0.8, help="referral threshold (0.8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
+    p.add_argument("--out", type=Path, help="write the predictions as CSV")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_tune(args):
+    from karyo.tuning import tune
+
+    best = tune(args.data, args.out, backbone=args.backbone, max_trials=args.max_trials,
+                epochs=args.epochs, image_size=args.image_size, weights=args.weights,
+                space=args.space, seed=args.seed, root=args.root, cache_dir=args.cache,
+                overwrite=args.overwrite, protocol=args.split, verbose=1 if args.verbose else 0)
+    hp = ", ".join(f"{k} {v}" for k, v in best["hyperparameters"].items())
+    print(f"best of {best.get('completed_trials', '?')} trials: {hp} (val loss {best['val_loss']:.4f})")
+    print(f"wrote {Path(args.out) / 'best.json'}; use it with: karyo train EXPERIMENT --hyperparameters "
+          f"{Path(args.out) / 'best.json'} ...")
+    return 0
+
+
+def add_tune_command(sub):
+    p = sub.add_parser(
+        "tune", help="Bayesian search over learning rate and batch size (keras-tuner)",
+        description="Bayesian optimisation (keras-tuner) of the learning rate (log-uniform) and the "
+        "batch size, objective validation loss, as in thesis section 3.2 (which chose lr 1e-3 and "
+        "batch 16). Trials on a frozen backbone train the head on cached features. Rerunning the "
+        "same command resumes the search; --overwrite starts afresh. Writes DIR/trials.csv, "
+        "DIR/best.json and the thesis' figures in DIR/figures. For a distributed search, see the "
+        "README (keras-tuner's chief/worker environment variables).",
+    )
+    p.add_argument("--data", required=True, type=Path, help="manifest CSV (labels normal/abnormal)")
+    p.add_argument("--out", required=True, type=Path, help="search folder")
+    p.add_argument("--root", type=Path, help="folder the manifest's paths are relative to")
+    p.add_argument("--backbone", default="vgg16", help="backbone (vgg16)")
+    p.add_argument("--max-trials", type=_positive_int, default=20, help="trials (20)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs per trial (10)")
+    p.add_argument("--image-size", type=_positive_int, default=416, help="input side in pixels (416)")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | auto | weights file")
+    p.add_argument("--space", choices=("thesis", "extended"), default="thesis",
+                   help="thesis: lr and batch size; extended: also unfrozen blocks and dropout")
+    p.add_argument("--split", choices=("grouped", "thesis"), default="grouped", help="split protocol")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--cache", type=Path, help="feature cache folder")
+    p.add_argument("--overwrite", action="store_true", help="start the search afresh")
+    p.add_argument("--verbose", action="store_true", help="per-epoch output")
+    p.set_defaults(func=cmd_tune)
+
+
+# ---------------------------------------------------------------------------------- reproduce
+
+
+def cmd_reproduce(args):
+    from karyo.reproduce import reproduce
+
+    experiments = args.experiments.split(",") if args.experiments else None
+    protocols = args.protocols.split(",") if args.protocols else None
+    reproduce(args.out, preset=args.preset, data=args.data, root=args.root, seed=args.seed,
+              experiments=experiments, protocols=protocols, tune=not args.no_tune,
+              verbose=1 if args.verbose else 0)
+    return 0
+
+
+def cmd_report(args):
+    from karyo.report import write_report
+
+    print(f"wrote {write_report(args.dir)}")
+    return 0
+
+
+def add_reproduce_commands(sub):
+    p = sub.add_parser(
+        "reproduce", help="run the thesis' experiments end to end and write a report",
+        description="Reproduce the thesis: with no --data, render the synthetic alpha-dataset "
+        "(105 normal + 41 abnormal karyograms); run the Bayesian search over learning rate and "
+        "batch size; train and evaluate the seven rows of Table 5.1 under both split protocols "
+        "(thesis: augment then split, as published; grouped: split by group, augment the training "
+        "part only); write DIR/report.md and report.html beside the published numbers. A rerun on "
+        "the same --out skips what already finished.",
+    )
+    p.add_argument("--preset", choices=("quick", "thesis", "tiny"), default="quick",
+                   help="quick: small inputs and few epochs, minutes on a CPU (default); thesis: "
+                   "416x416, the thesis' epochs, ImageNet weights (a GPU run); tiny: seconds, for tests")
+    p.add_argument("--data", type=Path, help="karyogram manifest (default: synthetic alpha-dataset)")
+    p.add_argument("--root", type=Path, help="folder the manifest's paths are relative to")
+    p.add_argument("--out", type=Path, default=Path("karyo-reproduce"), help="output folder (karyo-reproduce)")
+    p.add_argument("--experiments", help="comma-separated subset of experiments (default: the seven rows)")
+    p.add_argument("--protocols", help="comma-separated subset of thesis,grouped (default: both)")
+    p.add_argument("--no-tune", action="store_true", help="skip the Bayesian search")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, splits, weights and dropout")
+    p.add_argument("--verbose", action="store_true", help="per-epoch training output")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="rebuild the report from run folders without training",
+                       description="Rebuild DIR/report.md and report.html from the run folders "
+                       "under DIR/runs (written by 'karyo reproduce').")
+    p.add_argument("dir", type=Path, help="output folder of 'karyo reproduce'")
+    p.set_defaults(func=cmd_report)
 
 
 # ---------------------------------------------------------------------------------- main
@@ -146,6 +504,9 @@ def build_parser():
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_data_commands(sub)
+    add_model_commands(sub)
+    add_tune_command(sub)
+    add_reproduce_commands(sub)
     return parser
 
 

@@ -1,0 +1,143 @@
+"""Training runs end to end: run folders, resumption, predictions consistent with metrics."""
+
+import csv
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from karyo.cli import main
+from karyo.evaluation import metrics_from_predictions
+from karyo.experiments import get_experiment
+from karyo.manifest import import_folder
+from karyo.training import train_experiment
+
+RUN_FILES = ("config.json", "split.csv", "history.csv", "model.keras", "predictions.csv",
+             "metrics.json", "wrong_predictions.csv", "wrong_predictions.md")
+FIGURES = ("training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png",
+           "risk_coverage.png", "confidence_histogram.png")
+
+
+def _karyograms(root, normal=18, abnormal=12, size=80):
+    """Bars on white; abnormal karyograms carry a third bar in the '21' slot."""
+    for label, count in (("normal", normal), ("abnormal", abnormal)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng(1000 * (label == "abnormal") + i)
+            image = np.full((size, size), 255, np.uint8)
+            for slot in range(6):
+                x = 6 + slot * 12
+                bars = 3 if (label == "abnormal" and slot == 4) else 2
+                for b in range(bars):
+                    h = int(rng.integers(size // 3, size - 12))
+                    image[6:6 + h, x + 4 * b:x + 4 * b + 3] = rng.integers(0, 80)
+            cv2.imwrite(str(root / label / f"k{i}.png"), image)
+    return import_folder(root, root / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return _karyograms(tmp_path_factory.mktemp("karyograms"))
+
+
+@pytest.fixture(scope="module")
+def vgg_run(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vgg16"
+    code = main(["train", "vgg16_unfreeze1", "--data", str(manifest), "--out", str(out),
+                 "--image-size", "32", "--weights", "none", "--epochs", "2", "--fine-tune-epochs", "1",
+                 "--mc", "30", "--cache", str(out.parent / "cache")])
+    assert code == 0
+    return out
+
+
+def test_train_writes_every_file_of_a_run_folder(vgg_run):
+    for name in RUN_FILES:
+        assert (vgg_run / name).is_file(), name
+    for name in FIGURES:
+        assert (vgg_run / "figures" / name).stat().st_size > 1000, name
+    assert any((vgg_run / "logs").rglob("events.out.tfevents*"))
+    config = json.loads((vgg_run / "config.json").read_text())
+    assert config["weights_used"] == "none" and config["experiment"]["unfreeze"] == 1
+    assert config["data"]["protocol"] == "grouped"
+    with open(vgg_run / "history.csv") as fh:
+        phases = [row["phase"] for row in csv.DictReader(fh)]
+    assert phases == ["head", "head", "fine_tune"]
+
+
+def test_predictions_are_consistent_with_metrics(vgg_run):
+    with open(vgg_run / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    metrics = json.loads((vgg_run / "metrics.json").read_text())
+    threshold = metrics["threshold"]
+    for row in rows:
+        confidence = float(row["confidence"])
+        assert confidence >= 0.5
+        assert (row["refer"] == "True") == (confidence < threshold)
+        assert row["pred_label"] in ("normal", "abnormal")
+    recomputed = metrics_from_predictions(rows)
+    for key in ("accuracy", "precision", "recall", "auc", "tp", "fp", "tn", "fn", "referral_rate", "ece"):
+        a, b = recomputed[key], metrics[key]
+        assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), key
+    assert metrics["tp"] + metrics["fp"] + metrics["tn"] + metrics["fn"] == len(rows)
+
+
+def test_grouped_split_keeps_augmented_copies_with_their_source(vgg_run):
+    with open(vgg_run / "split.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    parts = {}
+    for row in rows:
+        parts.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(p) == 1 for p in parts.values())
+    augmented = [r for r in rows if r["augmented"] == "1"]
+    assert augmented and all(r["split"] == "train" for r in augmented)
+
+
+def test_evaluate_and_predict_on_a_folder_with_a_corrupt_file(vgg_run, manifest, tmp_path, capsys):
+    assert main(["evaluate", str(vgg_run), "--mc", "10"]) == 0
+    assert json.loads((vgg_run / "metrics.json").read_text())["mc_passes"] == 10
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for src in sorted((manifest.parent / "abnormal").glob("*.png"))[:3]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    capsys.readouterr()
+    code = main(["predict", "--model", str(vgg_run), str(folder), "--mc", "10", "--out", str(tmp_path / "p.csv")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"skipped {folder / 'broken.png'}: truncated PNG" in captured.err
+    with open(tmp_path / "p.csv") as fh:
+        scored = list(csv.DictReader(fh))
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in scored) == ["k0.png", "k1.png", "k10.png"]
+
+
+def test_existing_run_needs_resume_and_resume_skips_a_finished_run(vgg_run, manifest, capsys):
+    code = main(["train", "vgg16_unfreeze1", "--data", str(manifest), "--out", str(vgg_run),
+                 "--image-size", "32", "--weights", "none"])
+    assert code == 2 and "pass --resume" in capsys.readouterr().err
+    before = (vgg_run / "model.keras").stat().st_mtime_ns
+    exp = get_experiment("vgg16_unfreeze1", image_size=32, weights="none")
+    train_experiment(exp, manifest, vgg_run, resume=True, verbose=0)
+    assert (vgg_run / "model.keras").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_inceptionv3_at_75_pixels(manifest, tmp_path):
+    out = tmp_path / "inception"
+    code = main(["train", "inceptionv3_augmented", "--data", str(manifest), "--out", str(out),
+                 "--image-size", "75", "--weights", "none", "--epochs", "2", "--mc", "20",
+                 "--cache", str(tmp_path / "cache")])
+    assert code == 0
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+
+
+def test_bad_experiment_and_small_size_are_one_line_errors(manifest, tmp_path, capsys):
+    assert main(["train", "vgg17", "--data", str(manifest), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown experiment 'vgg17'" in capsys.readouterr().err
+    assert main(["train", "inceptionv3_augmented", "--data", str(manifest), "--out", str(tmp_path / "r"),
+                 "--image-size", "32", "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "75" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
