@@ -403,7 +403,12 @@ def cmd_tune(args):
                 epochs=args.epochs, image_size=args.image_size, weights=args.weights,
                 space=args.space, seed=args.seed, root=args.root, cache_dir=args.cache,
                 overwrite=args.overwrite, protocol=args.split, verbose=1 if args.verbose else 0)
-    hp = ", ".join(f"{k} {v}" for k, v in best["hyperparameters"].items())
+    if best.get("role") == "worker":
+        print(f"worker {best.get('tuner_id')} ran {best.get('completed_trials', 0)} trial(s) "
+              f"({best.get('failed_trials', 0)} failed); the chief writes {Path(args.out) / 'best.json'}")
+        return 0
+    hp = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                   for k, v in best["hyperparameters"].items())
     print(f"best of {best.get('completed_trials', '?')} trials: {hp} (val loss {best['val_loss']:.4f})")
     print(f"wrote {Path(args.out) / 'best.json'}; use it with: karyo train EXPERIMENT --hyperparameters "
           f"{Path(args.out) / 'best.json'} ...")

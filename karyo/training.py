@@ -152,7 +152,8 @@ def _callbacks(phase_dir, log_dir, patience, resume):
 
     phase_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(phase_dir / "backup")),
+        # double_checkpoint: a kill while the backup is being written leaves the previous one usable.
+        keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), double_checkpoint=True),
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience,
                                       restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(str(phase_dir / "best.weights.h5"), monitor="val_auc",

@@ -1,0 +1,385 @@
+"""The Bayesian search (karyo.tuning): results, resuming, failures, the extended space and
+keras-tuner's distributed mode. Tiny data: generated karyogram-like images, VGG16 at 32 px
+without weights, one epoch per trial."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from karyo.errors import KaryoError
+from karyo.manifest import write_manifest
+
+pytest.importorskip("keras_tuner")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(backbone="vgg16", image_size=32, weights="none", epochs=1, augmented=False,
+            progress=False)
+
+
+def _karyogram(seed, abnormal, size=48):
+    """Dark bars on white; an abnormal image has one bar more (a stand-in for a trisomy)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size), 255, np.uint8)
+    bars = 5 if abnormal else 4
+    for k in range(bars):
+        x = 3 + k * (size - 6) // bars
+        image[4:4 + int(rng.integers(size // 3, size - 8)), x:x + 3] = rng.integers(0, 90)
+    return image
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """15 normal + 10 abnormal images, one case each."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("karyograms")
+    rows = []
+    for label, count in (("normal", 15), ("abnormal", 10)):
+        for i in range(count):
+            path = f"{label}_{i}.png"
+            cv2.imwrite(str(root / path), _karyogram(i + 100 * (label == "abnormal"), label == "abnormal"))
+            rows.append({"path": path, "label": label, "group": f"{label}{i}"})
+    write_manifest(root / "manifest.csv", rows)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One feature cache for the module: the search is meant to reuse it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _trials(out):
+    from karyo.tuning import read_trials
+
+    return read_trials(Path(out) / "trials.csv")
+
+
+def _trial_json(out, trial_id):
+    return Path(out) / "keras_tuner" / f"trial_{trial_id}" / "trial.json"
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def _tune_script(manifest, out, cache, max_trials):
+    return ("import json; from karyo.tuning import tune; "
+            f"r = tune({str(manifest)!r}, {str(out)!r}, cache_dir={str(cache)!r}, "
+            f"max_trials={max_trials}, **{TINY!r}); print('RESULT', json.dumps(r))")
+
+
+# ------------------------------------------------------------------------------ the space
+
+
+def test_batch_size_choices_are_thesis_powers_of_two_capped_by_training_set():
+    from karyo.tuning import batch_size_choices
+
+    assert batch_size_choices(10_000) == [8, 16, 32, 64, 128, 256, 512]
+    assert batch_size_choices(100) == [8, 16, 32, 64]
+    assert batch_size_choices(64) == [8, 16, 32, 64]
+    assert batch_size_choices(5) == [8]
+
+
+def test_unfreeze_choices_follow_each_backbones_blocks():
+    from karyo.backbones import get_backbone
+    from karyo.tuning import unfreeze_choices
+
+    assert unfreeze_choices("vgg16") == [0, 1, 2]
+    n = len(get_backbone("inceptionv3").blocks)
+    assert unfreeze_choices("inceptionv3") == [0, 1, 2, n // 2, n]  # n: entirely, as thesis 4.3.4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_trials=0), "max_trials"), (dict(epochs=-1), "epochs"), (dict(space="huge"), "space"),
+    (dict(lr_range=(1e-1, 1e-5)), "lr_range"), (dict(image_size=16), "minimum"),
+    (dict(backbone="alexnet"), "unknown backbone"),
+])
+def test_bad_arguments_fail_before_any_work(manifest, tmp_path, kwargs, message):
+    from karyo.tuning import tune
+
+    with pytest.raises(KaryoError, match=message):
+        tune(manifest, tmp_path / "out", **dict(TINY, **kwargs))
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+def test_search_writes_results_and_a_rerun_adds_no_trials(manifest, cache, tmp_path):
+    from karyo.tuning import tune
+
+    out = tmp_path / "search"
+    best = tune(manifest, out, max_trials=6, cache_dir=cache, seed=3, **TINY)
+
+    rows = _trials(out)
+    assert [r["trial_id"] for r in rows] == [str(k) for k in range(6)]
+    assert all(r["status"] == "completed" and not r["error"] for r in rows)
+    losses = [float(r["val_loss"]) for r in rows]
+    assert all(np.isfinite(losses)) and all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+    assert all(float(r["seconds"]) > 0 and r["tuner"] == "tuner0" for r in rows)
+    lrs = [float(r["lr"]) for r in rows]
+    assert all(1e-5 <= lr <= 1e-1 for lr in lrs) and len(set(lrs)) == 6
+    # 16 training images: 8 and 16 are the only batch sizes that differ.
+    assert {int(r["batch_size"]) for r in rows} <= {8, 16}
+
+    saved = json.loads((out / "best.json").read_text())
+    assert saved == json.loads(json.dumps(best))
+    assert best["completed_trials"] == 6 and best["failed_trials"] == 0
+    assert best["val_loss"] == pytest.approx(min(losses))
+    winner = rows[losses.index(min(losses))]
+    assert best["trial_id"] == winner["trial_id"]
+    assert best["hyperparameters"] == {"lr": pytest.approx(float(winner["lr"])),
+                                       "batch_size": int(winner["batch_size"]),
+                                       "dropout": 0.5, "unfreeze": 0, "dense_units": 256}
+    for name in ("val_loss_vs_lr.png", "val_loss_vs_batch_size.png"):
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "keras_tuner").glob("trial_*/trial.json")}
+    again = tune(manifest, out, max_trials=6, cache_dir=cache, seed=3, **TINY)
+    assert again == best
+    assert _trials(out) == rows
+    assert {p: p.stat().st_mtime_ns for p in (out / "keras_tuner").glob("trial_*/trial.json")} == stamps
+
+    # keras-tuner would silently keep the old search space: a changed setting is refused.
+    with pytest.raises(KaryoError, match="other settings.*epochs"):
+        tune(manifest, out, max_trials=6, cache_dir=cache, seed=3, **dict(TINY, epochs=2))
+    # ... unless the search starts afresh.
+    fresh = tune(manifest, out, max_trials=1, cache_dir=cache, seed=3, overwrite=True, **TINY)
+    assert fresh["completed_trials"] == 1 and len(_trials(out)) == 1
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path):
+    from karyo.tuning import tune
+
+    out = tmp_path / "search"
+    process = subprocess.Popen([sys.executable, "-c", _tune_script(manifest, out, cache, 6)],
+                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = _trial_json(out, 2)
+    try:
+        deadline = time.time() + 180
+        while not started.is_file() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert started.is_file(), "trial 2 never started"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    interrupted = json.loads(started.read_text())
+    assert interrupted["status"] == "RUNNING"  # killed during trial 2, not after it
+    assert not (out / "best.json").exists()
+    finished = {k: _trial_json(out, k).read_bytes() for k in (0, 1)}
+
+    best = tune(manifest, out, max_trials=6, cache_dir=cache, **TINY)
+
+    rows = _trials(out)
+    assert [r["trial_id"] for r in rows] == [str(k) for k in range(6)]
+    assert all(r["status"] == "completed" for r in rows)
+    assert best["completed_trials"] == 6
+    # Trials 0 and 1 were not run again; trial 2 was rerun with the values it was given.
+    assert {k: _trial_json(out, k).read_bytes() for k in (0, 1)} == finished
+    rerun = json.loads(_trial_json(out, 2).read_text())
+    assert rerun["hyperparameters"]["values"] == interrupted["hyperparameters"]["values"]
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, monkeypatch):
+    import karyo.tuning as tuning
+
+    real, calls = tuning._fit_phase, []
+
+    def sometimes_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in (2, 3):
+            raise MemoryError("injected: out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "_fit_phase", sometimes_out_of_memory)
+    out = tmp_path / "search"
+    best = tuning.tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
+
+    rows = _trials(out)
+    assert [r["status"] for r in rows] == ["completed", "failed", "failed", "completed"]
+    for row in rows[1:3]:
+        assert row["error"] == "MemoryError: injected: out of memory"
+        assert row["val_loss"] == "" and float(row["seconds"]) >= 0
+    assert best["trial_id"] in ("0", "3")
+    assert best["completed_trials"] == 2 and best["failed_trials"] == 2
+
+
+def test_search_whose_trials_all_fail_raises_and_writes_no_best(
+        manifest, cache, tmp_path, monkeypatch):
+    import karyo.tuning as tuning
+
+    real = tuning._fit_phase
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected: broken trial")
+
+    monkeypatch.setattr(tuning, "_fit_phase", broken)
+    out = tmp_path / "search"
+    with pytest.raises(KaryoError, match="no trial of the search completed.*injected: broken trial"):
+        tuning.tune(manifest, out, max_trials=6, cache_dir=cache, **TINY)
+    assert not (out / "best.json").exists()
+    rows = _trials(out)
+    # The first FAIL_FAST trials all failed: a broken setup, so the search stopped there.
+    assert len(rows) == tuning.FAIL_FAST
+    assert all(r["status"] == "failed" and "injected: broken trial" in r["error"] for r in rows)
+
+    # Once the setup is repaired, rerunning continues the same search.
+    monkeypatch.setattr(tuning, "_fit_phase", real)
+    best = tuning.tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
+    assert best["trial_id"] == "3"
+    assert best["completed_trials"] == 1 and best["failed_trials"] == tuning.FAIL_FAST
+
+
+def test_a_diverged_trial_fails_instead_of_scoring_nan():
+    from keras_tuner.errors import FailedTrialError
+
+    from karyo.models import build_head
+    from karyo.tuning import _fit_phase
+
+    x = np.full((8, 4), np.nan, np.float32)  # what an exploding learning rate leaves behind
+    y = np.array([0, 1] * 4)
+    with pytest.raises(FailedTrialError, match="diverged"):
+        _fit_phase(build_head(4, 8, seed=0), x, y, x, y, 1e-3, 8, 1, 0, 0)
+
+
+# ------------------------------------------------------------------------------ extended space
+
+
+def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
+    import keras_tuner
+
+    from karyo.features import cached_features
+    from karyo.models import build_model, split_model
+    from karyo.tuning import _make_hypermodel_class
+
+    rng = np.random.default_rng(0)
+    images = {p: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for p, n in (("train", 12), ("val", 4))}
+    labels = {p: np.arange(len(images[p])) % 2 for p in images}
+    key = ["vgg16", "none:seed=0", 32]
+    frozen, _ = split_model(build_model("vgg16", 32, seed=0), 0)
+    pooled = {p: cached_features(frozen, images[p], key + ["pooled"], tmp_path, progress=False)
+              for p in images}
+    hypermodel = _make_hypermodel_class()(
+        "vgg16", 32, None, key, "extended", (1e-4, 1e-2), [8], 1, 0, pooled["train"].shape[-1],
+        tmp_path, 16, 0.5, 1e-5)
+    hypermodel.set_data(images, labels, pooled)
+    hp = keras_tuner.HyperParameters()
+    hypermodel.declare_hyperparameters(hp)
+    assert set(hp.values) == {"lr", "batch_size", "unfreeze", "dropout"}
+    for depth in (0, 1, 2):
+        hp.values.update(unfreeze=depth, dropout=0.3)
+        model = hypermodel.build(hp)
+        result = hypermodel.fit(hp, model)
+        assert np.isfinite(result["val_loss"]) and 0 <= result["val_accuracy"] <= 1
+        head = model if depth == 0 else model.get_layer("head")  # the head alone, or the network
+        assert head.get_layer("mc_dropout_1").rate == pytest.approx(0.3)
+    # The unfrozen trials trained on the cached output of the still-frozen part.
+    parts = [json.loads(p.read_text())["key_parts"][-1] for p in tmp_path.glob("*/key.json")]
+    assert sorted(parts) == ["pooled", "unfreeze1", "unfreeze2"]
+
+
+def test_extended_search_reports_its_extra_hyperparameters(manifest, cache, tmp_path):
+    from karyo.tuning import tune
+
+    out = tmp_path / "search"
+    best = tune(manifest, out, max_trials=2, cache_dir=cache, space="extended", **TINY)
+    assert best["searched"] == ["lr", "batch_size", "unfreeze", "dropout"]
+    assert best["hyperparameters"]["unfreeze"] in (0, 1, 2)
+    assert 0.1 <= best["hyperparameters"]["dropout"] <= 0.7
+    rows = _trials(out)
+    assert all(r["unfreeze"] in ("0", "1", "2") and r["dropout"] for r in rows)
+    for name in ("lr", "batch_size", "dropout", "unfreeze"):
+        assert (out / "figures" / f"val_loss_vs_{name}.png").is_file()
+
+
+# ------------------------------------------------------------------------------ distributed
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_search_with_a_chief_and_two_workers(manifest, cache, tmp_path):
+    out = tmp_path / "search"
+    port = str(_free_port())
+    processes = {}
+    try:
+        for tuner_id in ("chief", "tuner0", "tuner1"):
+            env = _env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=port,
+                       KERASTUNER_TUNER_ID=tuner_id)
+            processes[tuner_id] = subprocess.Popen(
+                [sys.executable, "-c", _tune_script(manifest, out, cache, 6)], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        outputs = {k: p.communicate(timeout=400) for k, p in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results = {}
+    for tuner_id, (stdout, stderr) in outputs.items():
+        assert processes[tuner_id].returncode == 0, f"{tuner_id} failed:\n{stderr[-3000:]}"
+        line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
+        results[tuner_id] = json.loads(line[len("RESULT "):])
+
+    rows = _trials(out)
+    assert [r["trial_id"] for r in rows] == [str(k) for k in range(6)]
+    assert all(r["status"] == "completed" for r in rows)
+    # One shared search: every trial ran once, on one of the two workers, and both took part.
+    by_worker = {w: sorted(results[w]["trials"]) for w in ("tuner0", "tuner1")}
+    assert sorted(by_worker["tuner0"] + by_worker["tuner1"]) == [str(k) for k in range(6)]
+    assert all(by_worker.values()), by_worker
+    assert {r["tuner"] for r in rows} == {"tuner0", "tuner1"}
+    assert all(results[w]["role"] == "worker" and results[w]["failed_trials"] == 0 for w in by_worker)
+    chief = results["chief"]
+    assert chief["completed_trials"] == 6
+    assert chief == json.loads((out / "best.json").read_text())
+
+
+def test_resume_repairs_the_state_a_kill_between_two_writes_leaves(manifest, cache, tmp_path):
+    from karyo.tuning import tune
+
+    out = tmp_path / "search"
+    tune(manifest, out, max_trials=3, cache_dir=cache, **TINY)
+    project = out / "keras_tuner"
+    oracle = json.loads((project / "oracle.json").read_text())
+    # Killed after trial 2's end was written to its file, before the oracle's file: the oracle
+    # still lists it as running. It must not be run again.
+    oracle["ongoing_trials"] = {"tuner0": "2"}
+    oracle["end_order"].remove("2")
+    (project / "oracle.json").write_text(json.dumps(oracle))
+    # Killed after trial 3's start was written to its file, before the oracle's file: the
+    # oracle does not know it. It must be run, not left unfinished.
+    started = json.loads(_trial_json(out, 2).read_text())
+    started.update(trial_id="3", status="RUNNING", score=None, message=None)
+    _trial_json(out, 3).parent.mkdir()
+    _trial_json(out, 3).write_text(json.dumps(started))
+    ended = _trial_json(out, 2).read_bytes()
+
+    best = tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
+
+    assert [r["status"] for r in _trials(out)] == ["completed"] * 4
+    assert best["completed_trials"] == 4
+    assert _trial_json(out, 2).read_bytes() == ended
