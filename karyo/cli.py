@@ -277,8 +277,9 @@ def cmd_train(args):
     from karyo.training import train_experiment
 
     overrides = _load_hyperparameters(args.hyperparameters)
+    fine_tune_epochs = args.fine_tune_epochs if args.fine_tune_epochs is not None else args.epochs
     overrides.update({k: v for k, v in {
-        "epochs": args.epochs, "fine_tune_epochs": args.fine_tune_epochs,
+        "epochs": args.epochs, "fine_tune_epochs": fine_tune_epochs,
         "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr,
         "weights": args.weights, "ensemble": args.ensemble, "mc_passes": args.mc,
         "threshold": args.threshold,
@@ -351,8 +352,9 @@ def add_model_commands(sub):
     p.add_argument("--split", choices=("grouped", "thesis"), default="grouped",
                    help="grouped: split by group, augment the training part only (default); "
                    "thesis: augment then split per image, as published (leaky)")
-    p.add_argument("--epochs", type=_positive_int, help="head-training epochs")
-    p.add_argument("--fine-tune-epochs", type=_non_negative_int, help="epochs after unfreezing")
+    p.add_argument("--epochs", type=_positive_int,
+                   help="epochs of each phase: head training, and fine-tuning unless --fine-tune-epochs (30)")
+    p.add_argument("--fine-tune-epochs", type=_non_negative_int, help="epochs after unfreezing (30)")
     p.add_argument("--image-size", type=_positive_int, help="input side in pixels (416)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (16)")
     p.add_argument("--lr", type=_positive_float, help="learning rate (1e-3)")
