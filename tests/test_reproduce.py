@@ -1,0 +1,60 @@
+"""`karyo reproduce` end to end with the tiny preset: the report agrees with the run folders."""
+
+import json
+import re
+
+import pytest
+
+from karyo.cli import main
+from karyo.experiments import THESIS_EXPERIMENTS
+from karyo.report import METRICS
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    assert main(["reproduce", "--preset", "tiny", "--out", str(out)]) == 0
+    return out
+
+
+def _table_rows(markdown, heading):
+    section = markdown.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and "[" in line]
+
+
+@pytest.mark.slow
+def test_report_tables_match_the_run_folders(reproduction):
+    report = (reproduction / "report.md").read_text()
+    assert (reproduction / "report.html").is_file()
+    for protocol in ("thesis", "grouped"):
+        rows = _table_rows(report, f"### Protocol `{protocol}`")
+        assert len(rows) == 7
+        for exp, line in zip(THESIS_EXPERIMENTS, rows):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[0] == exp.title
+            link = re.search(r"\[([^\]]+)\]\(([^)]+)\)", cells[1])
+            assert link.group(1) == exp.name
+            assert link.group(2) == f"runs/{protocol}/{exp.name}/config.json"
+            assert (reproduction / link.group(2)).is_file()
+            metrics = json.loads((reproduction / "runs" / protocol / exp.name / "metrics.json").read_text())
+            for k, cell in zip(METRICS, cells[2:6]):
+                assert cell == ("–" if metrics[k] is None else f"{metrics[k]:.2f}"), (protocol, exp.name, k)
+            assert cells[6:10] == [f"{getattr(exp.thesis, k):.2f}" for k in METRICS]
+
+
+@pytest.mark.slow
+def test_leakage_tuning_and_rerun_skips_finished_work(reproduction, capsys):
+    report = (reproduction / "report.md").read_text()
+    assert "## The leakage effect" in report and "Bayesian search" in report
+    assert (reproduction / "tuning" / "best.json").is_file()
+    assert (reproduction / "figures" / "roc_vgg16_grouped.png").is_file()
+    for protocol in ("thesis", "grouped"):
+        config = json.loads((reproduction / "runs" / protocol / "vgg16_augmented" / "config.json").read_text())
+        assert config["data"]["protocol"] == protocol
+    stamp = (reproduction / "runs" / "grouped" / "vgg16_unfreeze1" / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", "tiny", "--out", str(reproduction)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 15  # 14 runs and the search
+    assert (reproduction / "runs" / "grouped" / "vgg16_unfreeze1" / "metrics.json").stat().st_mtime_ns == stamp
+    assert main(["report", str(reproduction)]) == 0
