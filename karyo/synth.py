@@ -49,11 +49,11 @@ STAINS = ("g", "q")
 COLUMNS = ("path", "label", "group", "karyotype", "abnormality", "sex", "sha256")
 
 #: G-banding: darkness (0 = paper white .. 1 = black) of each Giemsa stain class.
-G_DARKNESS = {"gneg": 0.20, "gpos25": 0.38, "gpos50": 0.54, "gpos75": 0.69, "gpos100": 0.84,
-              "acen": 0.46, "gvar": 0.66, "stalk": 0.24}
+G_DARKNESS = {"gneg": 0.24, "gpos25": 0.42, "gpos50": 0.58, "gpos75": 0.74, "gpos100": 0.90,
+              "acen": 0.50, "gvar": 0.70, "stalk": 0.26}
 #: Q-banding: brightness (0 = dark field .. 1 = white) of each stain class (Q-bright = G-dark).
-Q_BRIGHTNESS = {"gneg": 0.32, "gpos25": 0.46, "gpos50": 0.59, "gpos75": 0.72, "gpos100": 0.86,
-                "acen": 0.40, "gvar": 0.30, "stalk": 0.30}
+Q_BRIGHTNESS = {"gneg": 0.28, "gpos25": 0.40, "gpos50": 0.52, "gpos75": 0.64, "gpos100": 0.78,
+                "acen": 0.34, "gvar": 0.26, "stalk": 0.28}
 #: Width of the chromosome body at special bands, as a share of the chromatid pair's width.
 STALK_WIDTH, SATELLITE_WIDTH, SHORT_ARM_WIDTH = 0.34, 0.74, 0.86
 #: Width of a chromatid pair against the length of chromosome 1 at unit condensation
@@ -70,7 +70,7 @@ def _sample_cell(rng, stain):
         "condensation": rng.uniform(0.8, 1.15),
         "width": WIDTH_TO_CHR1 * 249.0 * rng.uniform(0.9, 1.1),
         "contrast": rng.uniform(0.85, 1.1),
-        "band_sigma": rng.uniform(0.8, 1.3),
+        "band_sigma": rng.uniform(1.0, 1.6),
         "groove": rng.uniform(0.08, 0.22),
         "background": 255 - int(rng.integers(0, 6)) if stain == "g" else int(rng.integers(4, 14)),
         "blur": rng.uniform(0.35, 0.7),
@@ -89,7 +89,7 @@ def _sample_chromosome(rng, chromosome, cell, stain):
         if stain == "g":
             level = G_DARKNESS[band.stain]
             if band.stain == "gvar":
-                level = rng.uniform(0.5, 0.8)
+                level = rng.uniform(0.55, 0.85)
         else:
             level = Q_BRIGHTNESS[band.stain]
             if band.stain == "gvar":
@@ -156,9 +156,9 @@ def _profiles(c, length_px, width_px, band_sigma):
         centre = (edges[acen[0]] + edges[acen[-1] + 1]) / 2
         rel_width *= 1 - c["constriction"] * np.exp(-(((t - centre) / (0.45 * width_px)) ** 2))
         level = np.where(np.abs(t - centre) < 0.25 * width_px, level * 0.92, level)
-    # Rounded telomeres: an elliptical cap as long as half the local width.
+    # Rounded telomeres: an elliptical cap a third of the local width long (blunt, not domed).
     for d in (t, length_px - t):
-        r = np.maximum(0.5 * width_px * rel_width, 0.5)
+        r = np.maximum(0.35 * width_px * rel_width, 0.5)
         cap = np.sqrt(np.clip(1 - (1 - np.minimum(d / r, 1.0)) ** 2, 0, 1))
         rel_width = rel_width * cap
     groove = np.clip((rel_width - 0.6) / 0.25, 0, 1)
