@@ -1,0 +1,60 @@
+"""Run every notebook (quick mode by default) and save one picture each draws to docs/ for the README.
+
+    python scripts/notebook_pictures.py [--full]
+
+The picture is the first image output of the notebook's cell that ``PICK`` names (by a piece of
+its source), downscaled to at most 720 pixels wide.
+"""
+
+import argparse
+import base64
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import nbformat
+import numpy as np
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+PICK = {
+    "01_data.ipynb": "augment_image(image, rng",
+    "02_transfer_learning.ipynb": "roc_vgg16_variants",
+    "03_bayesian_search.ipynb": "val_loss_vs_lr.png",
+    "04_mc_dropout.ipynb": "reliability.png",
+}
+
+
+def first_png(nb, marker):
+    for cell in nb.cells:
+        if cell.cell_type == "code" and marker in cell.source:
+            for output in cell.outputs:
+                data = output.get("data", {})
+                if "image/png" in data:
+                    return base64.b64decode(data["image/png"])
+    raise SystemExit(f"no picture found in the cell containing {marker!r}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="run the notebooks in full mode")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        # No MPLBACKEND here: the kernel's inline backend is what turns figures into outputs.
+        os.environ.update(KARYO_NOTEBOOK_QUICK="0" if args.full else "1", KARYO_NOTEBOOK_OUT=work)
+        for name, marker in PICK.items():
+            nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+            NotebookClient(nb, timeout=3600, kernel_name="python3",
+                           resources={"metadata": {"path": work}}).execute()
+            image = cv2.imdecode(np.frombuffer(first_png(nb, marker), np.uint8), cv2.IMREAD_COLOR)
+            if image.shape[1] > 720:
+                image = cv2.resize(image, None, fx=720 / image.shape[1], fy=720 / image.shape[1],
+                                   interpolation=cv2.INTER_AREA)
+            out = ROOT / "docs" / f"notebook_{name[:2]}.png"
+            cv2.imwrite(str(out), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+            print(f"wrote {out} ({out.stat().st_size // 1024} KB)")
+
+
+if __name__ == "__main__":
+    main()
