@@ -164,3 +164,19 @@ def test_the_pipeline_learns_a_visible_difference(tmp_path):
                            progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["auc"] >= 0.95 and metrics["accuracy"] >= 0.9, metrics
+
+
+@pytest.mark.slow
+def test_deep_ensemble_pools_its_members(manifest, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    assert main(["train", "vgg16_augmented", "--data", str(manifest), "--out", str(out), "--image-size", "32",
+                 "--weights", "none", "--epochs", "1", "--ensemble", "3", "--mc", "10",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    assert sorted(p.parent.name for p in out.glob("member*/model.keras")) == ["member0", "member1", "member2"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["uncertainty"] == "deep ensemble" and metrics["mc_passes"] == 3
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    # Three members vote: the confidence of every image is 2/3 or 1.
+    assert {round(float(r["confidence"]), 4) for r in rows} <= {0.6667, 1.0}
+    assert main(["evaluate", str(out), "--mc", "5"]) == 0
