@@ -85,3 +85,9 @@ def test_write_image_roundtrip_and_non_ascii_name(tmp_path):
     write_image(path, image)
     assert (decode_image(path) == image).all()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_huge_image_is_refused_with_the_limit_named(tmp_path):
+    cv2.imwrite(str(tmp_path / "huge.png"), np.zeros((10_001, 10_000), np.uint8))
+    assert _error(tmp_path / "huge.png").startswith(("too large (10000x10001 pixels",
+                                                     "cannot be decoded as an image"))
