@@ -147,17 +147,18 @@ def read_json(path):
 # ------------------------------------------------------------------------------ fitting
 
 
-def _callbacks(phase_dir, log_dir, patience, resume):
+def _callbacks(phase_dir, log_dir, patience, resume, monitor="val_auc"):
     import keras
 
     phase_dir.mkdir(parents=True, exist_ok=True)
+    mode = "min" if monitor.endswith("loss") else "max"
     callbacks = [
         # double_checkpoint: a kill while the backup is being written leaves the previous one usable.
         keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), double_checkpoint=True),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience,
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
                                       restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(str(phase_dir / "best.weights.h5"), monitor="val_auc",
-                                        mode="max", save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(str(phase_dir / "best.weights.h5"), monitor=monitor,
+                                        mode=mode, save_best_only=True, save_weights_only=True),
         keras.callbacks.CSVLogger(str(phase_dir / "history.csv"), append=resume),
         keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0),
     ]
@@ -172,7 +173,9 @@ def _compile(model, lr, n_outputs=1):
                    keras.metrics.AUC(name="auc")]
         loss = "binary_crossentropy"
     else:
-        metrics = ["accuracy", keras.metrics.AUC(name="auc", multi_label=False)]
+        # keras.metrics.AUC needs one-hot targets; with the sparse labels used here it fails
+        # ("segment_ids and data should have same leading dimension"), so accuracy only.
+        metrics = ["accuracy"]
         loss = "sparse_categorical_crossentropy"
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss, metrics=metrics)
     return model
@@ -189,10 +192,14 @@ def _class_weight(y, mode):
 
 
 def fit_part(model, x_train, y_train, x_val, y_val, epochs, batch_size, lr, phase_dir, log_dir,
-             patience, seed, class_weight=None, verbose=1):
+             patience, seed, class_weight=None, verbose=1, monitor="val_auc"):
     """Fit a model (a head on cached features, or a partly unfrozen network) with the thesis'
     callbacks: validation AUC monitored, early stopping with the best weights restored,
-    checkpoints, a CSV log, TensorBoard, and a backup that lets a killed run resume."""
+    checkpoints, a CSV log, TensorBoard, and a backup that lets a killed run resume.
+
+    ``monitor`` is the validation metric that early stopping and the checkpoint follow (the
+    thesis' ``val_auc`` by default; ``val_accuracy`` for the 24-class chromosome task; a name
+    ending in ``loss`` is minimised, any other maximised)."""
     from karyo.pipeline import make_dataset
 
     done = phase_dir / "done.weights.h5"
@@ -204,7 +211,7 @@ def fit_part(model, x_train, y_train, x_val, y_val, epochs, batch_size, lr, phas
     val_ds = make_dataset(x_val, y_val.astype("float32"), batch_size)
     resume = (phase_dir / "backup").exists()
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, shuffle=False,
-              callbacks=_callbacks(phase_dir, log_dir, patience, resume),
+              callbacks=_callbacks(phase_dir, log_dir, patience, resume, monitor),
               class_weight=_class_weight(y_train, class_weight))
     with atomic_path(done) as tmp:
         model.save_weights(tmp)
@@ -311,8 +318,7 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
         KaryoError: the run folder exists without ``resume``, the data is unusable, or the
             ImageNet weights cannot be obtained.
     """
-    from karyo.backbones import get_backbone, resolve_weights
-    from karyo.runs import evaluate_run
+    from karyo.backbones import get_backbone
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
@@ -327,6 +333,22 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
     unknown = sorted({r["label"] for r in manifest.rows} - set(KARYOGRAM_LABELS))
     if unknown:
         raise KaryoError(f"{data}: unknown label '{unknown[0]}' (the karyogram task uses normal and abnormal)")
+    created = not out.exists()
+    try:
+        return _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight,
+                          verbose, progress)
+    except KaryoError:
+        # A run that failed on its input leaves nothing behind (a killed one keeps its files to resume).
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight, verbose,
+               progress):
+    from karyo.backbones import resolve_weights
+    from karyo.runs import evaluate_run
+
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     weights_arg, weights_used, weights_note = resolve_weights(experiment.weights, experiment.backbone)

@@ -11,7 +11,7 @@ import pytest
 from karyo.cli import main
 from karyo.evaluation import metrics_from_predictions
 from karyo.experiments import get_experiment
-from karyo.manifest import import_folder
+from karyo.manifest import import_folder, read_manifest, write_manifest
 from karyo.training import train_experiment
 
 RUN_FILES = ("config.json", "split.csv", "history.csv", "model.keras", "predictions.csv",
@@ -180,3 +180,16 @@ def test_deep_ensemble_pools_its_members(manifest, tmp_path, capsys):
     # Three members vote: the confidence of every image is 2/3 or 1.
     assert {round(float(r["confidence"]), 4) for r in rows} <= {0.6667, 1.0}
     assert main(["evaluate", str(out), "--mc", "5"]) == 0
+
+
+def test_a_corrupt_image_stops_training_and_leaves_no_run_folder(tmp_path, capsys):
+    manifest = _karyograms(tmp_path / "data", normal=9, abnormal=6)
+    victim = tmp_path / "data" / "normal" / "k3.png"
+    victim.write_bytes(victim.read_bytes()[:40])
+    write_manifest(manifest, [dict(r, sha256="") for r in read_manifest(manifest).rows])
+    out = tmp_path / "run"
+    assert main(["train", "vgg16_original", "--data", str(manifest), "--out", str(out), "--image-size", "32",
+                 "--weights", "none", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"karyo: error: {victim}: truncated PNG (no IEND chunk at the end)"]
+    assert not out.exists()
