@@ -249,6 +249,11 @@ def _socket_timeout(seconds):
         socket.setdefaulttimeout(previous)
 
 
+#: Backbones whose ImageNet download already failed in this process, with the error: offline, a
+#: reproduction of 14 runs would otherwise wait for the download timeout 14 times.
+_FAILED_DOWNLOADS = {}
+
+
 def fetch_imagenet_weights(name, timeout=DOWNLOAD_TIMEOUT):
     """Make sure ``name``'s ImageNet file is in the Keras cache; download it if it is not.
 
@@ -266,17 +271,21 @@ def fetch_imagenet_weights(name, timeout=DOWNLOAD_TIMEOUT):
 
     backbone = get_backbone(name)
     target = imagenet_weights_path(name)
+    if backbone.name in _FAILED_DOWNLOADS and not target.is_file():
+        raise KaryoError(_FAILED_DOWNLOADS[backbone.name])
     try:
         with _socket_timeout(timeout):
             path = keras.utils.get_file(backbone.weights_file, backbone.weights_url,
                                         cache_subdir="models", file_hash=backbone.weights_hash)
     except Exception as exc:  # Keras raises a bare Exception on URL failure, ValueError on a bad hash
         reason = str(exc).replace(backbone.weights_url, "<url>").strip() or type(exc).__name__
-        raise KaryoError(
+        message = (
             f"cannot obtain the ImageNet weights for {backbone.name} ({reason}). Offline? "
             f"Download {backbone.weights_url} on a connected machine and place it at {target} "
             f"(the Keras cache: $KERAS_HOME/models, by default ~/.keras/models), "
-            f"or use --weights none or --weights auto") from None
+            f"or use --weights none or --weights auto")
+        _FAILED_DOWNLOADS[backbone.name] = message
+        raise KaryoError(message) from None
     return Path(path)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -14,7 +15,7 @@ def execute(nb, workdir, timeout=900):
 
     env_before = dict(os.environ)
     os.environ.update(KARYO_NOTEBOOK_QUICK="1", KARYO_NOTEBOOK_OUT=str(workdir), MPLBACKEND="Agg",
-                      TF_CPP_MIN_LOG_LEVEL="3")
+                      TF_CPP_MIN_LOG_LEVEL="3", KARYO_SHARED_DATA=str(SHARED_DATA))
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(workdir)}}).execute()
