@@ -193,3 +193,11 @@ def test_a_corrupt_image_stops_training_and_leaves_no_run_folder(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"karyo: error: {victim}: truncated PNG (no IEND chunk at the end)"]
     assert not out.exists()
+
+
+def test_cross_stain_command_scores_another_set(vgg_run, manifest, capsys):
+    capsys.readouterr()
+    assert main(["cross-stain", str(vgg_run), str(manifest), "--mc", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 30 and result["n_abnormal"] == 12
+    assert 0.0 <= result["false_positive_rate"] <= 1.0 and 0.0 <= result["referral_rate"] <= 1.0
