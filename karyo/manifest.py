@@ -82,17 +82,8 @@ def check_relative(path_text):
     return None
 
 
-def read_manifest(path, root=None):
-    """Read and structurally validate a manifest CSV.
-
-    Args:
-        path: the CSV file.
-        root: folder the ``path`` column is relative to (default: the manifest's folder).
-
-    Raises:
-        ManifestError: unreadable file, missing columns, no rows, empty fields, paths that
-            escape the root, or duplicate paths; the message names the file and the row.
-    """
+def _read_csv(path):
+    """Columns and rows (stripped strings) of a manifest CSV; raises on a missing file or column."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -107,9 +98,25 @@ def read_manifest(path, root=None):
         raise ManifestError(
             f"{path}: missing column(s) {', '.join(missing)} (a manifest needs path,label,group)"
         )
+    rows = [{(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None} for raw in reader]
+    return columns, rows
+
+
+def read_manifest(path, root=None):
+    """Read and structurally validate a manifest CSV.
+
+    Args:
+        path: the CSV file.
+        root: folder the ``path`` column is relative to (default: the manifest's folder).
+
+    Raises:
+        ManifestError: unreadable file, missing columns, no rows, empty fields, paths that
+            escape the root, or duplicate paths; the message names the file and the row.
+    """
+    path = Path(path)
+    columns, raw_rows = _read_csv(path)
     rows, seen = [], {}
-    for number, raw in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+    for number, row in enumerate(raw_rows, start=2):
         for column in REQUIRED_COLUMNS:
             if not row.get(column):
                 raise ManifestError(f"{path}: line {number}: empty '{column}'")
@@ -145,10 +152,10 @@ def write_manifest(path, rows, columns=None):
     return Path(path)
 
 
-def default_labels(manifest):
-    """The label set a manifest is checked against: chromosome classes if all labels are such,
+def default_labels(rows):
+    """The label set rows are checked against: chromosome classes if all labels are such,
     otherwise the karyogram task's normal/abnormal."""
-    present = {row["label"] for row in manifest.rows}
+    present = {row.get("label", "") for row in rows}
     if present <= set(CHROMOSOME_LABELS):
         return CHROMOSOME_LABELS
     return KARYOGRAM_LABELS
@@ -162,22 +169,13 @@ def verify_manifest(path, root=None, labels=None, check_images=True, progress=Fa
     whole file (missing columns, no rows) raise :class:`ManifestError` instead.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-    raw_rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    _, raw_rows = _read_csv(path)
     if not raw_rows:
         raise ManifestError(f"{path}: the manifest has no rows")
     root = Path(root) if root else path.parent
     root_resolved = root.resolve()
     if labels is None:
-        present = {r.get("label", "") for r in raw_rows}
-        labels = CHROMOSOME_LABELS if present <= set(CHROMOSOME_LABELS) else KARYOGRAM_LABELS
+        labels = default_labels(raw_rows)
     problems, seen = [], set()
     iterator = raw_rows
     if progress:
