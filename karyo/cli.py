@@ -60,7 +60,6 @@ def _positive_float(text):
 def _quiet_tensorflow():
     # TensorFlow's C++ start-up chatter hides the progress bars users should see.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import logging
 
     # tf.function retracing notices are about Keras internals, not about the user's data.

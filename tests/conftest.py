@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 #: ../shared/data beside the repository; absent in a user's fresh clone.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
