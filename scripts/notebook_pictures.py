@@ -23,6 +23,7 @@ PICK = {
     "02_transfer_learning.ipynb": "roc_vgg16_variants",
     "03_bayesian_search.ipynb": "val_loss_vs_lr.png",
     "04_mc_dropout.ipynb": "reliability.png",
+    "05_real_data_and_two_step.ipynb": "one-step vs two-step",  # needs ../shared/data
 }
 
 
@@ -39,11 +40,15 @@ def first_png(nb, marker):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="run the notebooks in full mode")
+    parser.add_argument("names", nargs="*", help="notebooks to run (default: all in PICK)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         # No MPLBACKEND here: the kernel's inline backend is what turns figures into outputs.
         os.environ.update(KARYO_NOTEBOOK_QUICK="0" if args.full else "1", KARYO_NOTEBOOK_OUT=work)
+        os.environ.setdefault("KARYO_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
         for name, marker in PICK.items():
+            if args.names and name not in args.names:
+                continue
             nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
             NotebookClient(nb, timeout=3600, kernel_name="python3",
                            resources={"metadata": {"path": work}}).execute()
