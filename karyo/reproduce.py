@@ -102,6 +102,10 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         p = replace(p, protocols=tuple(protocols))
     for name in p.experiments:
         get_experiment(name)  # unknown names fail before any work
+    if data:
+        from karyo.manifest import read_manifest
+
+        read_manifest(data, root)  # so does an unreadable manifest
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
