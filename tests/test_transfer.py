@@ -71,13 +71,15 @@ def small_real(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_step_run(small_real):
-    from karyo.transfer import two_step
+    from karyo.cli import main
 
     out = small_real["tmp"] / "transfer"
-    two_step(small_real["chromosomes"], small_real["karyograms"], out,
-             experiment="vgg16_original", weights="none", intermediate_size=32, image_size=32,
-             epochs=1, patience=1, mc_passes=5, intermediate_epochs=1, seed=0, progress=False,
-             log=lambda *a: None)
+    # Through the command line, as a user runs it.
+    assert main(["transfer", "--intermediate", str(small_real["chromosomes"]),
+                 "--target", str(small_real["karyograms"]), "--out", str(out),
+                 "--experiment", "vgg16_original", "--weights", "none", "--intermediate-size", "32",
+                 "--image-size", "32", "--epochs", "1", "--mc", "5", "--intermediate-epochs", "1",
+                 "--seed", "0"]) == 0
     return out
 
 
