@@ -94,8 +94,7 @@ class Experiment:
     family: str = "thesis"
 
     def to_dict(self):
-        data = asdict(self)
-        return data
+        return asdict(self)
 
     @property
     def uncertainty(self):

@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,7 @@ def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
         return read_manifest(prepared)
 
     def counts(subset):
-        result = {}
-        for row in subset:
-            result[row["label"]] = result.get(row["label"], 0) + 1
-        return result
+        return dict(Counter(row["label"] for row in subset))
 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
