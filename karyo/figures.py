@@ -67,7 +67,8 @@ def _read_history(source):
         try:
             for row in rows:
                 for key, value in row.items():
-                    if key:
+                    # karyo's history.csv names each epoch's phase (head / fine_tune): not a metric.
+                    if key and key != "phase":
                         history.setdefault(key, []).append(float(value) if value else math.nan)
         except ValueError as exc:
             raise KaryoError(f"{name}: not a numeric training history ({exc})") from None

@@ -141,7 +141,7 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
     if not history.is_file():
         history = run_dir / "member0" / "history.csv"
     if history.is_file():
-        figures.training_curves(_numeric_history(history), fig / "training_curves.png",
+        figures.training_curves(history, fig / "training_curves.png",
                                 title=f"Training metrics: {config['experiment']['title']}")
     figures.confusion_matrix(labels["test"], summary["pred"], fig / "confusion_matrix.png",
                              class_names=KARYOGRAM_LABELS)
@@ -155,16 +155,6 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
                                  threshold=threshold)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _numeric_history(path):
-    """history.csv as {column: values}, the ``phase`` column (head / fine_tune) left out."""
-    import csv
-
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    columns = [c for c in (rows[0] if rows else {}) if c not in ("phase", "epoch")]
-    return {c: [float(r[c]) if r[c] not in ("", None) else float("nan") for r in rows] for c in columns}
 
 
 def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0):
