@@ -57,9 +57,30 @@ def _positive_float(text):
     return value
 
 
-def _quiet_tensorflow():
-    # TensorFlow's C++ start-up chatter hides the progress bars users should see.
+def _quiet_tensorflow(debug=False, import_now=True):
+    """Keep TensorFlow's C++ start-up chatter (CUDA stubs, CPU features, oneDNN notices) off the
+    terminal, where it would hide the progress bars and the one-line errors users should see.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` silences the messages logged once TensorFlow runs, but the shared
+    libraries print a few lines while they load, before any setting is read; so TensorFlow is
+    imported here with the standard-error descriptor pointed at ``/dev/null`` for the duration
+    of the import (Python's own exceptions are raised after it is restored). ``--debug`` keeps
+    everything visible.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if import_now and not debug and "tensorflow" not in sys.modules:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            sys.stderr.flush()
+            os.dup2(null, 2)
+            import tensorflow  # noqa: F401
+        except ImportError:
+            pass  # the command that needs it says so, with the real message
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
     import logging
 
     # tf.function retracing notices are about Keras internals, not about the user's data.
@@ -610,6 +631,11 @@ def build_parser():
     return parser
 
 
+#: Commands that build or run networks, so import TensorFlow (the others start in a blink).
+TENSORFLOW_COMMANDS = (cmd_train, cmd_evaluate, cmd_predict, cmd_tune, cmd_reproduce,
+                       cmd_transfer, cmd_cross_stain, cmd_bench)
+
+
 def main(argv=None):
     """Entry point of the ``karyo`` console command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -619,7 +645,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
-    _quiet_tensorflow()
+    _quiet_tensorflow(debug, import_now=getattr(args, "func", None) in TENSORFLOW_COMMANDS)
     try:
         return int(args.func(args) or 0)
     except KaryoError as exc:
@@ -630,6 +656,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("karyo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`karyo list | head`): not an error of ours. Point stdout at
+        # /dev/null so that Python's flush at exit does not complain a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         if args.debug:
             raise
