@@ -35,17 +35,9 @@ def model_paths(run_dir):
 
 def load_models(run_dir):
     """Load a run's model(s) with Keras' safe mode on (no arbitrary code is deserialised)."""
-    import keras
+    from karyo.models import load_model
 
-    import karyo.models  # noqa: F401 - registers karyo's serialisable layers
-
-    models = []
-    for path in model_paths(run_dir):
-        try:
-            models.append(keras.saving.load_model(path, safe_mode=True))
-        except Exception as exc:  # noqa: BLE001 - one clear line for a damaged file
-            raise KaryoError(f"{path}: cannot be loaded as a karyo model ({type(exc).__name__}: {exc})") from None
-    return models
+    return [load_model(path) for path in model_paths(run_dir)]
 
 
 def read_config(run_dir):

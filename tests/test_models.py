@@ -217,3 +217,23 @@ def test_saved_model_reloads_in_a_fresh_process(tmp_path):
     assert out["bn_unchanged"]
     assert out["alone_vs_batch"] < 1e-5
     assert out["alone_vs_batch_training_true"] > 1e-3  # the check above can fail
+
+
+def test_a_model_carrying_python_code_is_refused(tmp_path):
+    """Safe mode: a .keras file whose Lambda layer holds Python bytecode is not deserialised."""
+    from karyo.models import load_model
+    from karyo.runs import load_models
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    path = tmp_path / "run" / "model.keras"
+    path.parent.mkdir()
+    keras.Model(inputs, outputs).save(path)
+    # The file is a working model: Keras itself loads it once safe mode is switched off.
+    unsafe = keras.saving.load_model(path, safe_mode=False)
+    assert np.allclose(unsafe.predict(np.ones((1, 4)), verbose=0), 2.0)
+    for load in (lambda: load_model(path), lambda: load_models(path.parent)):
+        with pytest.raises(KaryoError) as err:
+            load()
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message and "safe_mode" in message
