@@ -32,7 +32,7 @@ from karyo.atomic import atomic_dir
 from karyo.errors import ImageError, ManifestError
 from karyo.imageio import DEFAULT_SIZE, decode_image, encode_png, is_image_path
 from karyo.layout import BLACK, WHITE, arrange_karyogram, background_level
-from karyo.manifest import CHROMOSOME_LABELS, write_manifest
+from karyo.manifest import CHROMOSOME_LABELS, check_output_folder, write_manifest
 
 #: Columns ``cells.csv`` must have.
 CELL_COLUMNS = ("cell", "case", "karyotype", "label", "status", "n_chromosomes")
@@ -254,7 +254,8 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
 
     Args:
         cells_dir: the set's folder (holds ``cells.csv`` and ``cells/``).
-        out_dir: folder to create (replaced if it exists; written atomically).
+        out_dir: folder to create (written atomically; an earlier output is replaced, any
+            other existing file or folder is refused).
         size: karyogram side in pixels (the thesis' 416).
         include_uncertain: keep cells labelled ``uncertain`` (their label stays ``uncertain``).
         cells: optional cell ids, or the number of (selected) cells to take from the top.
@@ -272,6 +273,7 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
     """
     cells_dir, out_dir = Path(cells_dir), Path(out_dir)
     rows = read_cells(cells_dir)
+    check_output_folder(out_dir, inputs=(cells_dir,))
     keep = CELL_LABELS if include_uncertain else ("normal", "abnormal")
     rows = _select([r for r in rows if r["label"] in keep], cells, cells_dir / "cells.csv")
     if not rows:
@@ -329,6 +331,7 @@ def chromosome_manifest(cells_dir, out_dir, size=None, cells=None, progress=True
     if size is not None and size < 8:
         raise ManifestError(f"size {size} is too small for a chromosome image (at least 8)")
     rows = _select(read_cells(cells_dir), cells, cells_dir / "cells.csv")
+    check_output_folder(out_dir, inputs=(cells_dir,))
     out_rows = []
     with atomic_dir(out_dir) as tmp:
         for row in _cells_iterator(rows, progress, "copy chromosomes"):

@@ -62,9 +62,16 @@ def atomic_path(path):
 def atomic_dir(path):
     """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
-    An existing ``path`` is replaced. On failure nothing is left behind.
+    An existing folder at ``path`` is replaced (callers decide whether it may be: see
+    ``karyo.manifest.check_output_folder``); a file there is refused, never renamed away. On
+    failure nothing is left behind.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a folder (the CLI prints it as one line).
     """
     path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise NotADirectoryError(20, "exists and is not a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:

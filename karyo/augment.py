@@ -30,7 +30,15 @@ import numpy as np
 from karyo.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from karyo.errors import ImageError, KaryoError, ManifestError
 from karyo.imageio import decode_image, encode_png
-from karyo.manifest import KARYOGRAM_LABELS, read_manifest, sha256_file, write_manifest
+from karyo.manifest import (
+    CHROMOSOME_LABELS,
+    KARYOGRAM_LABELS,
+    LINK_ESCAPE,
+    check_output_folder,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 
 #: Thesis section 3.1.2: brightness "between -25% to +25%".
 BRIGHTNESS = 0.25
@@ -222,9 +230,14 @@ def copy_rng(seed, source, index):
 
 
 def copy_path(source_path, index):
-    """Manifest path of copy ``index`` of a source: ``images/<folder>/<stem>.aug<index>.png``."""
+    """Manifest path of copy ``index`` of a source: ``images/<folder>/<stem>.aug<index>.png``.
+
+    A source that is not a PNG keeps its extension in the name (``scan.tif`` ->
+    ``scan.tif.aug1.png``), so that ``scan.png`` and ``scan.tif`` in one folder never share copies.
+    """
     rel = PurePosixPath(source_path.replace("\\", "/"))
-    return (PurePosixPath("images") / rel.parent / f"{rel.stem}.aug{index}.png").as_posix()
+    name = rel.stem if rel.suffix.lower() == ".png" else rel.name
+    return (PurePosixPath("images") / rel.parent / f"{name}.aug{index}.png").as_posix()
 
 
 def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=NOISE, blur=0.0,
@@ -255,7 +268,7 @@ def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=
 
     Raises:
         ManifestError: a target names a class without rows, is below a class' originals, or
-            two outputs would share a path.
+            two outputs would share a path, or a row's file is a link out of the root.
         ImageError: a source image is missing, unreadable or does not match its ``sha256``.
     """
     check_parameters(brightness, noise, blur)
@@ -284,11 +297,12 @@ def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=
             copy_order.append((source["path"], index))
 
     originals, copies, written = [], {}, {}
+    root = manifest.root.resolve()
     bar = _progress(len(rows) + len(copy_order), progress)
     try:
         for row in rows:
             src = manifest.resolve(row)
-            data = _read_source(src, row)
+            data = _read_source(src, row, root, manifest)
             rel = (PurePosixPath("images") / row["path"].replace("\\", "/")).as_posix()
             _claim(written, rel, row["path"], manifest)
             atomic_write_bytes(out_dir / rel, data)
@@ -345,6 +359,7 @@ def augment_manifest(manifest_path, out_dir, normal=None, abnormal=None, brightn
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, manifest_path, manifest.root)
     counts = Counter(row["label"] for row in manifest.rows)
+    _check_labels(manifest_path, manifest.rows)
     explicit = {"normal": normal, "abnormal": abnormal}
     if any(v is not None for v in explicit.values()) and not set(counts) <= set(KARYOGRAM_LABELS):
         raise ManifestError(
@@ -378,6 +393,21 @@ def augment_manifest(manifest_path, out_dir, normal=None, abnormal=None, brightn
     return out_dir / MANIFEST_NAME
 
 
+def _check_labels(manifest_path, rows):
+    """Refuse a manifest that mixes a task's labels with unknown ones (``abnormall``, ``Normal``).
+
+    Any class names are allowed (augmentation serves every task), but once a manifest uses the
+    karyogram task's or the chromosome task's labels, every row must use that task's labels.
+    """
+    present = {row["label"] for row in rows}
+    for known in (KARYOGRAM_LABELS, CHROMOSOME_LABELS):
+        if present & set(known) and not present <= set(known):
+            for number, row in enumerate(rows, start=2):
+                if row["label"] not in known:
+                    raise ManifestError(f"{manifest_path}: line {number}: unknown label '{row['label']}' "
+                                        f"(expected one of {', '.join(known)})")
+
+
 def _rule_text(counts):
     if set(counts) <= set(KARYOGRAM_LABELS):
         return "target = max(n, round(thesis_target * n_total / 146)); thesis 105/41 -> 376/316"
@@ -390,7 +420,11 @@ def _row(row, path, sha256, source, augmented):
     return new
 
 
-def _read_source(path, row):
+def _read_source(path, row, root, manifest):
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:  # a link inside the root that points out of it
+        raise ManifestError(f"{manifest.source or manifest.root}: {row['path']}: {LINK_ESCAPE}") from None
     if not path.is_file():
         raise ImageError(path, "file not found")
     try:
@@ -415,17 +449,7 @@ def _claim(written, rel, source, manifest):
 
 def _check_out_dir(out_dir, manifest_path, root):
     """Refuse output folders whose replacement would destroy the input or unrelated files."""
-    target = out_dir.resolve()
-    for precious in (manifest_path.resolve(), Path(root).resolve()):
-        if precious == target or target in precious.parents:
-            raise ManifestError(f"{out_dir}: the output folder would replace the input "
-                                f"({precious}); choose another --out")
-    if target.exists():
-        if not target.is_dir():
-            raise ManifestError(f"{out_dir}: exists and is not a folder")
-        if any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
-            raise ManifestError(f"{out_dir}: exists, is not empty and is not an earlier karyo "
-                                "output (no manifest.csv); choose another --out")
+    check_output_folder(out_dir, inputs=(manifest_path, root))
 
 
 def _progress(total, enabled):

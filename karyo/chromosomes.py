@@ -126,11 +126,11 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
     if (out / "metrics.json").is_file():
         return out
     image_size = check_image_size(backbone, image_size)
-    data = read_manifest(manifest, root)
-    unknown = sorted({r["label"] for r in data.rows} - set(CHROMOSOME_LABELS))
-    if unknown:
-        raise KaryoError(f"{manifest}: unknown label '{unknown[0]}' (the chromosome task uses "
-                         f"1..22, X and Y)")
+    from karyo.manifest import check_manifest
+
+    # Validate first, then write: every row's label, file, sha256 and image before out exists.
+    data = check_manifest(read_manifest(manifest, root), CHROMOSOME_LABELS, every_class=False,
+                          progress=progress)
     excluded = {str(g) for g in exclude_groups}
     rows = [dict(r) for r in data.rows if r["group"] not in excluded]
     if not rows:

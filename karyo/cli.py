@@ -17,6 +17,17 @@ from karyo.errors import KaryoError
 EPILOG = "Run 'karyo COMMAND --help' for the options of a command."
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with karyo's error format: one ``karyo: error:`` line naming the value, exit 2.
+
+    argparse's own format (the usage, then ``karyo train: error: ...``) takes several lines;
+    every other bad input prints one.
+    """
+
+    def error(self, message):
+        self.exit(2, f"karyo: error: {message} (see '{self.prog} --help')\n")
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -87,6 +98,14 @@ def _quiet_tensorflow(debug=False, import_now=True):
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
+def _quiet_opencv(debug=False):
+    """Keep OpenCV's C++ log off the terminal: it reports a failed decode in several lines
+    ("[ERROR:0@0.007] global grfmt_tiff.cpp:117 TIFF_Error ..."), and karyo names the same file
+    in one line of its own. Read when ``cv2`` is first imported; ``--debug`` keeps the log."""
+    if not debug:
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+
+
 # ---------------------------------------------------------------------------------- data
 
 
@@ -112,7 +131,7 @@ def cmd_data_verify(args):
     for name, reason in problems:
         print(f"{name}: {reason}")
     if problems:
-        print(f"{args.manifest}: {len(problems)} bad row(s)", file=sys.stderr)
+        print(f"karyo: error: {args.manifest}: {len(problems)} bad row(s), listed above", file=sys.stderr)
         return 1
     if not args.quiet:
         print(f"{args.manifest}: every row is sound")
@@ -613,7 +632,7 @@ def add_real_data_commands(sub):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="karyo",
         description="Chromosome abnormality detection on karyograms: transfer learning (VGG16, "
         "InceptionV3, ...) decides normal or abnormal, Monte Carlo Dropout says how confident, and "
@@ -646,6 +665,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.debug = debug
     _quiet_tensorflow(debug, import_now=getattr(args, "func", None) in TENSORFLOW_COMMANDS)
+    _quiet_opencv(debug)
     try:
         return int(args.func(args) or 0)
     except KaryoError as exc:

@@ -24,6 +24,8 @@ OPTIONAL_COLUMNS = ("karyotype", "sha256", "split")
 KARYOGRAM_LABELS = ("normal", "abnormal")
 #: Labels of the single-chromosome task (the two-step transfer's intermediate domain).
 CHROMOSOME_LABELS = tuple(str(k) for k in range(1, 23)) + ("X", "Y")
+#: Why a row whose path is a link out of the root is refused.
+LINK_ESCAPE = "path escapes the manifest's folder (through a link)"
 
 
 @dataclass
@@ -85,6 +87,8 @@ def check_relative(path_text):
 def _read_csv(path):
     """Columns and rows (stripped strings) of a manifest CSV; raises on a missing file or column."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder, not a manifest CSV")
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     try:
@@ -200,25 +204,117 @@ def verify_manifest(path, root=None, labels=None, check_images=True, progress=Fa
         if not row.get("group"):
             problems.append((name, "empty group"))
             continue
-        file = root / rel
-        try:
-            file.resolve().relative_to(root_resolved)
-        except ValueError:
-            problems.append((name, "path escapes the manifest's folder (through a link)"))
-            continue
-        if not file.is_file():
-            problems.append((name, "file not found"))
-            continue
-        expected = row.get("sha256", "")
-        if expected and sha256_file(file) != expected.lower():
-            problems.append((name, "sha256 mismatch (the file changed since the manifest was made)"))
-            continue
-        if check_images:
-            try:
-                decode_image(file)
-            except ImageError as exc:
-                problems.append((name, exc.reason))
+        reason = file_problem(root / rel, root_resolved, row.get("sha256", ""), check_images)
+        if reason:
+            problems.append((name, reason))
     return problems
+
+
+def file_problem(file, root, sha256="", check_images=True):
+    """The reason a manifest row's file is unusable, or None.
+
+    Args:
+        file: the row's file (root / path).
+        root: the resolved folder the file must stay inside, also through links.
+        sha256: the row's recorded hash ("" skips the comparison).
+        check_images: decode the file (otherwise existence and hash only).
+    """
+    try:
+        Path(file).resolve().relative_to(root)
+    except ValueError:
+        return LINK_ESCAPE
+    if not Path(file).is_file():
+        return "is a folder, not an image" if Path(file).is_dir() else "file not found"
+    if sha256:
+        try:
+            if sha256_file(file) != sha256.lower():
+                return "sha256 mismatch (the file changed since the manifest was made)"
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror or exc})"
+    if check_images:
+        try:
+            decode_image(file)
+        except ImageError as exc:
+            return exc.reason
+    return None
+
+
+def check_manifest(manifest, labels=KARYOGRAM_LABELS, every_class=True, check_images=True, progress=False):
+    """Refuse a manifest that a run cannot use, before the run writes anything.
+
+    Training, tuning, ``karyo reproduce`` and two-step transfer call this first, so that a bad
+    row fails the command in seconds, with one line naming it, instead of after the first
+    phase of training, and leaves no half-made run behind. The checks are those of
+    ``karyo data verify`` (which lists every bad row instead of stopping at the first).
+
+    Args:
+        manifest: a :class:`Manifest` (``read_manifest`` has already checked its structure:
+            columns, empty fields, paths escaping the root, duplicates).
+        labels: the task's classes; a row with another label is refused.
+        every_class: refuse a manifest in which one of ``labels`` has no image (a classifier
+            cannot learn, nor be scored on, a class it never sees).
+        check_images: decode every image (otherwise existence and sha256 only).
+        progress: show a progress bar over the images.
+
+    Returns:
+        ``manifest``, unchanged.
+
+    Raises:
+        ManifestError: a row with an unknown label, a class without images, or a path that
+            leaves the root through a link; the message names the manifest and the line.
+        ImageError: a missing, changed (sha256) or undecodable file; the message names it.
+    """
+    source = manifest.source or manifest.root
+    for number, row in enumerate(manifest.rows, start=2):
+        if row["label"] not in labels:
+            raise ManifestError(f"{source}: line {number}: unknown label '{row['label']}' "
+                                f"(expected one of {', '.join(labels)})")
+    if every_class:
+        present = {row["label"] for row in manifest.rows}
+        for label in labels:
+            if label not in present:
+                raise ManifestError(f"{source}: no image has label '{label}' (a run needs images of "
+                                    f"every class: {', '.join(labels)})")
+    root = manifest.root.resolve()
+    rows = manifest.rows
+    if progress and len(rows) > 20:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="check images", unit="img", leave=False)
+    for row in rows:
+        file = manifest.resolve(row)
+        reason = file_problem(file, root, row.get("sha256", ""), check_images)
+        if reason == LINK_ESCAPE:
+            raise ManifestError(f"{source}: {row['path']}: {reason}")
+        if reason:
+            raise ImageError(file, reason)
+    return manifest
+
+
+def check_output_folder(out_dir, inputs=()):
+    """Refuse an output folder whose replacement would destroy something.
+
+    The commands that write a dataset folder (``karyo data synth``, ``assemble``,
+    ``chromosomes``, ``augment``) replace it whole. They may replace an empty folder or an
+    earlier output (a folder holding ``manifest.csv``), never a file, one of their ``inputs``
+    (or a folder holding one), nor a folder of other files.
+
+    Raises:
+        ManifestError: naming the folder and why it cannot be replaced.
+    """
+    out_dir = Path(out_dir)
+    target = out_dir.resolve()
+    for precious in inputs:
+        precious = Path(precious).resolve()
+        if precious == target or target in precious.parents:
+            raise ManifestError(f"{out_dir}: the output folder would replace the input "
+                                f"({precious}); choose another --out")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise ManifestError(f"{out_dir}: exists and is not a folder; choose another --out")
+        if any(target.iterdir()) and not (target / "manifest.csv").is_file():
+            raise ManifestError(f"{out_dir}: exists, is not empty and is not an earlier karyo "
+                                "output (no manifest.csv); choose another --out")
 
 
 def import_folder(folder, out, with_sha256=True):
@@ -227,18 +323,22 @@ def import_folder(folder, out, with_sha256=True):
     Every image becomes its own group (``group`` = its path without extension): the folder
     layout says nothing about patients, so edit the column if several images share a case.
     ``out`` must lie directly in ``folder`` so that paths stay relative to the manifest's folder.
+    Every image is decoded first: nothing is written if one cannot be used.
 
     Raises:
-        ManifestError: the folder is missing, ``out`` lies outside it, no class sub-folder has
-            images, or a class sub-folder is empty.
+        ManifestError: the folder is missing, ``out`` lies outside it or is a folder, no class
+            sub-folder has images, or a class sub-folder is empty.
+        ImageError: an image cannot be read or decoded (the first such file is named).
     """
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
-        raise ManifestError(f"{folder}: folder not found")
+        raise ManifestError(f"{folder}: " + ("is a file, not a folder" if folder.exists() else "folder not found"))
     if out.parent.resolve() != folder.resolve():
         raise ManifestError(
             f"{out}: write the manifest directly in {folder} (its paths are relative to its folder)"
         )
+    if out.is_dir():
+        raise ManifestError(f"{out}: is a folder; name the manifest file to write")
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ManifestError(f"{folder}: no class sub-folders (expected e.g. normal/ and abnormal/)")
@@ -248,6 +348,7 @@ def import_folder(folder, out, with_sha256=True):
         if not files:
             raise ManifestError(f"{class_dir}: class '{class_dir.name}' has no images")
         for file in files:
+            decode_image(file)  # validate first, then write
             rel = file.relative_to(folder)
             row = {
                 "path": rel.as_posix(),
@@ -255,6 +356,9 @@ def import_folder(folder, out, with_sha256=True):
                 "group": rel.with_suffix("").as_posix(),
             }
             if with_sha256:
-                row["sha256"] = sha256_file(file)
+                try:
+                    row["sha256"] = sha256_file(file)
+                except OSError as exc:
+                    raise ImageError(file, f"cannot be read ({exc.strerror or exc})") from None
             rows.append(row)
     return write_manifest(out, rows, list(REQUIRED_COLUMNS) + (["sha256"] if with_sha256 else []))

@@ -174,6 +174,12 @@ def load_model(path, compile=False):
     path = Path(path)
     if not path.is_file():
         raise KaryoError(f"{path}: model file not found")
+    import zipfile
+
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        # Keras would say "File not found", which sends the user looking in the wrong place.
+        raise KaryoError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is "
+                         "damaged or something else)")
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=compile)
     except Exception as exc:  # Keras raises ValueError / OSError / zipfile errors here

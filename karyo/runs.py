@@ -41,10 +41,34 @@ def load_models(run_dir):
 
 
 def read_config(run_dir):
+    """A karyogram run's ``config.json``, checked for what evaluation and prediction read.
+
+    Raises:
+        KaryoError: the folder has no config, the config is not JSON, or it is not a
+            karyogram run's (for example the chromosome task's run of two-step transfer).
+    """
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise KaryoError(f"{run_dir}: run folder not found")
     if not path.is_file():
         raise KaryoError(f"{run_dir}: no config.json (is this a karyo run folder?)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KaryoError(f"{path}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise KaryoError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(config, dict) and config.get("task") == "chromosomes":
+        raise KaryoError(f"{run_dir}: a single-chromosome run, not a karyogram run (it cannot score karyograms)")
+    experiment = config.get("experiment") if isinstance(config, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(experiment, dict) or "image_size" not in experiment \
+            or not isinstance(data, dict) or "split_root" not in data:
+        raise KaryoError(f"{path}: not a karyo run config (no experiment.image_size or data.split_root)")
+    size = experiment["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise KaryoError(f"{path}: image_size {size!r} is not a positive whole number")
+    return config
 
 
 def pooled_passes(models, images, passes=100, seed=0, batch_size=32):

@@ -38,7 +38,7 @@ from karyo.errors import KaryoError
 from karyo.imageio import DEFAULT_SIZE, encode_png
 from karyo.karyotype import (ABNORMALITIES, ACROCENTRIC, chromosome_bands, for_abnormality)
 from karyo.layout import MIN_SIZE, arrange_karyogram, fit_scale
-from karyo.manifest import write_manifest
+from karyo.manifest import check_output_folder, write_manifest
 
 #: The thesis' alpha-dataset (section 3.1.2: "105 regular cases and 41 abnormal cases").
 ALPHA_NORMAL, ALPHA_ABNORMAL = 105, 41
@@ -295,6 +295,7 @@ def synthesize(out_dir, normal=ALPHA_NORMAL, abnormal=ALPHA_ABNORMAL, size=DEFAU
         raise KaryoError(f"unknown stain '{stain}' (choose g or q)")
     if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
         raise KaryoError(f"image size {size} is too small for a karyogram (at least {MIN_SIZE} px)")
+    check_output_folder(out_dir)  # never replace a file or a folder of someone else's files
     plan = plan_dataset(normal, abnormal, seed, variants)
     iterator = enumerate(plan)
     if progress:

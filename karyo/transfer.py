@@ -81,10 +81,14 @@ def two_step(intermediate, target, out, experiment="vgg16_augmented", weights="a
     from karyo.training import is_complete, train_experiment
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir) if cache_dir else out / "cache"
     exp = get_experiment(experiment, image_size=image_size, epochs=epochs,
                          fine_tune_epochs=fine_tune_epochs, patience=patience, mc_passes=mc_passes)
+    check_inputs(intermediate, target, exp, intermediate_size, protocol, seed, target_root,
+                 intermediate_root, progress)
+    if out.exists() and not out.is_dir():
+        raise KaryoError(f"{out}: exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir else out / "cache"
     holdout = set(target_holdout_groups(target, protocol, seed, target_root))
     chrom_groups = {r["group"] for r in read_manifest(intermediate, intermediate_root).rows}
     excluded = sorted(holdout & chrom_groups)
@@ -109,6 +113,31 @@ def two_step(intermediate, target, out, experiment="vgg16_augmented", weights="a
                          root=target_root, cache_dir=cache_dir, data_dir=out / "data",
                          verbose=verbose, progress=progress)
     return write_comparison(out)
+
+
+def check_inputs(intermediate, target, exp, intermediate_size=32, protocol="grouped", seed=0,
+                 target_root=None, intermediate_root=None, progress=False):
+    """Refuse what two-step transfer cannot use before it trains (and writes) anything.
+
+    Both manifests are checked row by row (labels, files, sha256, decoding; the karyogram
+    target needs both classes), the target's split is drawn, and both image sizes are checked
+    against the backbone, so that a bad target does not surface only after the intermediate
+    task has trained.
+
+    Raises:
+        KaryoError: naming the manifest, file or value.
+    """
+    from karyo.backbones import check_image_size
+    from karyo.manifest import CHROMOSOME_LABELS, KARYOGRAM_LABELS, check_manifest
+    from karyo.splits import split_rows
+
+    check_image_size(exp.backbone, intermediate_size)
+    check_image_size(exp.backbone, exp.image_size)
+    karyograms = check_manifest(read_manifest(target, target_root), KARYOGRAM_LABELS, progress=progress)
+    if protocol == "grouped" or not exp.augmented:
+        split_rows(karyograms.rows, protocol, seed)
+    check_manifest(read_manifest(intermediate, intermediate_root), CHROMOSOME_LABELS, every_class=False,
+                   progress=progress)
 
 
 def write_comparison(out):
@@ -167,16 +196,18 @@ def cross_stain(run_dir, manifest, root=None, passes=100, threshold=0.8, seed=0)
         passes, threshold: MC Dropout passes and referral threshold (thesis: 100, 0.8).
 
     Raises:
-        KaryoError: an unreadable image, or labels other than normal / abnormal.
+        KaryoError: a missing, changed (sha256) or unreadable image, or labels other than normal /
+            abnormal.
     """
     from sklearn.metrics import roc_auc_score
 
+    from karyo.manifest import KARYOGRAM_LABELS, check_manifest
     from karyo.runs import predict_paths
 
-    data = read_manifest(manifest, root)
+    # Every row (label, file, sha256, decoding) before the model is loaded: a bad file fails in
+    # a second, not after the others were scored.
+    data = check_manifest(read_manifest(manifest, root), KARYOGRAM_LABELS, every_class=False)
     labels = [r["label"] for r in data.rows]
-    if set(labels) - {"normal", "abnormal"}:
-        raise KaryoError(f"{manifest}: cross-stain evaluation needs normal/abnormal labels")
     paths = [data.resolve(r) for r in data.rows]
     rows, problems = predict_paths(run_dir, paths, passes=passes, threshold=threshold, seed=seed)
     if problems:
