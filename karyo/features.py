@@ -27,6 +27,7 @@ network is not (VGG16 ``block4_pool`` at 416 pixels: 26 x 26 x 512 floats, 1.4 M
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +64,17 @@ def cache_key(frozen_part, key_parts):
     Returns:
         ``(key, description)``: the description is what ``key.json`` records.
     """
+    import tensorflow as tf
+
     description = {
         "key_parts": _jsonable(key_parts),
         "input_shape": list(frozen_part.inputs[0].shape[1:]),
         "output_shape": list(frozen_part.outputs[0].shape[1:]),
         "fingerprint": model_fingerprint(frozen_part),
+        # Features computed by another TensorFlow or with oneDNN switched differently differ in
+        # their last bits, and training amplifies that: they are not reused across the two.
+        "numerics": {"tensorflow": tf.__version__,
+                     "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on)")},
     }
     text = json.dumps(description, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24], description

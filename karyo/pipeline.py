@@ -57,15 +57,56 @@ def label_indices(rows, class_names):
         ) from None
 
 
-def make_dataset(x, y=None, batch_size=16, shuffle=False, seed=0):
-    """A ``tf.data`` pipeline over in-memory arrays: cached, optionally shuffled, batched, prefetched.
+def make_dataset(x, y=None, batch_size=16, shuffle=False, seed=0, first_epoch=None):
+    """A ``tf.data`` pipeline over in-memory arrays: batched, prefetched, optionally shuffled.
 
     The thesis' batch size 16 (section 3.2) is the default. Without ``shuffle`` the order of
     ``x`` is kept, so predictions line up with manifest rows.
+
+    Training uses ``shuffle`` with ``first_epoch``: an endless stream of epochs ``first_epoch``,
+    ``first_epoch + 1``, ... in which epoch e visits every example once, in an order drawn from
+    ``(seed, e)`` alone (a stateless shuffle). A training resumed at epoch e after a kill
+    therefore sees the same batches as one that never stopped. Give ``fit``
+    ``steps_per_epoch=steps_per_epoch(len(x), batch_size)``: Keras then reads the stream with
+    one iterator, epoch after epoch (without it Keras refuses an endless dataset). The order is
+    drawn inside TensorFlow once per epoch and each batch is one gather: no Python runs per
+    batch or per epoch.
+
+    ``shuffle`` without ``first_epoch`` is tf.data's own shuffle, drawn anew at every pass
+    from the dataset's generator: fine for one pass, not reproducible across a resume.
+
+    Args:
+        x, y: arrays with the same first dimension (``y`` may be None: inputs only).
+        batch_size: examples per batch.
+        shuffle: shuffled epochs (training) instead of the order of ``x``.
+        seed: the shuffle's seed.
+        first_epoch: the epoch the stream starts at (the one a resumed training starts at).
     """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if not shuffle or first_epoch is None:
+        ds = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y)).cache()
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    n = len(x)
+    arrays = tuple(tf.convert_to_tensor(a) for a in ((x,) if y is None else (x, y)))
+    seed = tf.constant(int(seed), tf.int64)
+
+    def batches_of(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                         seed=tf.stack([seed, epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    def gather(index):
+        batch = tuple(tf.gather(a, index) for a in arrays)
+        return batch[0] if y is None else batch
+
+    ds = (tf.data.Dataset.counter(int(first_epoch)).flat_map(batches_of)
+          .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(n, batch_size):
+    """Batches in one epoch of ``n`` examples (the last one may be smaller)."""
+    return -(-int(n) // int(batch_size))

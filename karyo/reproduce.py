@@ -102,10 +102,22 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         p = replace(p, protocols=tuple(protocols))
     for name in p.experiments:
         get_experiment(name)  # unknown names fail before any work
-    if data:
-        from karyo.manifest import read_manifest
+    from karyo.splits import PROTOCOLS, split_rows
 
-        read_manifest(data, root)  # so does an unreadable manifest
+    for protocol in p.protocols:
+        if protocol not in PROTOCOLS:
+            raise KaryoError(f"unknown split protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise KaryoError(f"{out}: exists and is not a folder; choose another --out")
+    if data:
+        from karyo.manifest import KARYOGRAM_LABELS, check_manifest, read_manifest
+
+        # So does bad data: every row (labels, both classes, files, sha256, decoding) and the
+        # splits the runs will draw are checked before the output folder is made.
+        manifest = check_manifest(read_manifest(data, root), KARYOGRAM_LABELS, progress=verbose > 0)
+        for protocol in p.protocols:
+            if protocol == "grouped" or not all(get_experiment(n).augmented for n in p.experiments):
+                split_rows(manifest.rows, protocol, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -171,17 +171,25 @@ def _compile_trial(model, lr):
     return model
 
 
-def _fit_phase(model, x_train, y_train, x_val, y_val, lr, batch_size, epochs, seed, verbose):
-    """Fit ``model`` for ``epochs``; return its best epoch's metrics (lowest validation loss)."""
+def _fit_phase(model, x_train, y_train, x_val, y_val, lr, batch_size, epochs, seed, verbose,
+               stream="trial"):
+    """Fit ``model`` for ``epochs``; return its best epoch's metrics (lowest validation loss).
+
+    Each epoch's order and dropout masks are drawn from (seed, ``stream``, epoch) alone
+    (``karyo.training.epoch_seeding``): a trial run again after a kill scores the same."""
     from keras_tuner.errors import FailedTrialError
 
-    from karyo.pipeline import make_dataset
+    from karyo.pipeline import make_dataset, steps_per_epoch
+    from karyo.training import epoch_seeding
 
     _compile_trial(model, lr)
-    train = make_dataset(x_train, y_train.astype("float32"), batch_size, shuffle=True, seed=seed)
+    seeding = epoch_seeding(seed, stream)
+    train = make_dataset(x_train, y_train.astype("float32"), batch_size, shuffle=True,
+                         seed=seeding.data_seed, first_epoch=0)
     val = make_dataset(x_val, y_val.astype("float32"), batch_size)
-    history = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose,
-                        shuffle=False).history  # the dataset shuffles itself
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose, shuffle=False,
+                        steps_per_epoch=steps_per_epoch(len(x_train), batch_size),
+                        callbacks=[seeding]).history
     val_loss = np.asarray(history["val_loss"], dtype=np.float64)
     if not np.isfinite(val_loss).any():
         raise FailedTrialError(f"training diverged: the validation loss is {val_loss[-1]} "
@@ -286,7 +294,7 @@ def _make_hypermodel_class():
                 x = {p: cached_features(frozen, images[p], key, self.cache_dir, progress=self.progress)
                      for p in ("train", "val")}
             return _fit_phase(trainable, x["train"], y_train, x["val"], y_val, self.fine_tune_lr,
-                              v["batch_size"], self.epochs, self.seed, verbose)
+                              v["batch_size"], self.epochs, self.seed, verbose, stream="fine_tune")
 
     return KaryogramHyperModel
 
@@ -347,8 +355,19 @@ def _make_tuner_classes():
             path = Path(self._get_trial_dir(trial.trial_id)) / "trial.json"
             atomic_write_text(path, json.dumps(trial.get_state()))
 
+        def populate_space(self, trial_id):
+            # keras-tuner draws the Gaussian process' restart points from a RandomState it does
+            # not save: a resumed search would draw them anew from the seed and choose other
+            # values than an uninterrupted one. Drawn from (seed, trial number), they do not
+            # depend on whether the search was interrupted.
+            self._random_state = np.random.RandomState([int(self.seed), _trial_order(trial_id)[1]])
+            return super().populate_space(trial_id)
+
         def reload(self):
             super().reload()
+            # Trials in the order they were created, not the file system's (the Gaussian
+            # process is fitted on them in this order).
+            self.trials = dict(sorted(self.trials.items(), key=lambda item: _trial_order(item[0])))
             # A kill between writing a trial's file and the oracle's leaves the two disagreeing:
             # a started trial the oracle does not know is running (it would stay unfinished
             # forever) or an ended one it still lists as running (it would be redone).
@@ -652,11 +671,17 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     backbone, lr_range = _check_arguments(backbone, max_trials, epochs, image_size, space,
                                           lr_range, protocol)
     out_dir = Path(out_dir)
-    manifest = read_manifest(manifest_path, root)
-    unknown = sorted({r["label"] for r in manifest.rows} - set(KARYOGRAM_LABELS))
-    if unknown:
-        raise KaryoError(f"{manifest_path}: unknown label '{unknown[0]}' (the karyogram task uses "
-                         f"normal and abnormal)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise KaryoError(f"{out_dir}: exists and is not a folder; choose another --out")
+    # Validate first, then write: labels, both classes, files, sha256 and decoding of every row,
+    # and the split, are checked before the search folder exists.
+    from karyo.manifest import check_manifest
+    from karyo.splits import split_rows
+
+    manifest = check_manifest(read_manifest(manifest_path, root), KARYOGRAM_LABELS,
+                              progress=progress and verbose == 0)
+    if protocol == "grouped" or not augmented:
+        split_rows(manifest.rows, protocol, seed)
     if overwrite and role != "worker" and out_dir.exists():
         _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
