@@ -208,13 +208,23 @@ def _table_51(doc, runs):
         doc.para("Where the thesis disagrees with itself: " + "; ".join(thesis_counts_note) + ".")
 
 
+def _near_copies(run):
+    """'131 / 139 (94 %)': test images with a near-identical training image (``karyo.leakage``)."""
+    test = (run["config"].get("data", {}).get("leakage") or {}).get("parts", {}).get("test")
+    if not test or not test.get("images"):
+        return "–"
+    return f"{test['with_train_match']} / {test['images']} ({100 * test['with_train_match'] / test['images']:.0f} %)"
+
+
 def _leakage(doc, runs):
     if not ("thesis" in runs and "grouped" in runs):
         return
     doc.heading("The leakage effect")
     doc.para("Difference `thesis` minus `grouped` protocol, per row. With augmentation, the thesis' "
              "protocol tests on near-copies of training images; a positive difference is the "
-             "optimism that leakage adds.")
+             "optimism that leakage adds. The last column counts them: test images whose "
+             "perceptual hash lies within the leakage guard's threshold of a training image's "
+             "(`karyo.leakage`; under `grouped` any such pair stops the run).")
     rows = []
     for exp in THESIS_EXPERIMENTS:
         a, b = runs["thesis"].get(exp.name), runs["grouped"].get(exp.name)
@@ -224,8 +234,9 @@ def _leakage(doc, runs):
         for k in METRICS:
             x, y = a["metrics"].get(k), b["metrics"].get(k)
             cells.append("–" if x is None or y is None else f"{x - y:+.2f}")
-        rows.append([exp.name, "yes" if exp.augmented else "no"] + cells)
-    doc.table(["experiment", "augmented", "Δ accuracy", "Δ precision", "Δ recall", "Δ AUC"], rows)
+        rows.append([exp.name, "yes" if exp.augmented else "no"] + cells + [_near_copies(a)])
+    doc.table(["experiment", "augmented", "Δ accuracy", "Δ precision", "Δ recall", "Δ AUC",
+               "thesis: test images with a near copy in training"], rows)
 
 
 def _referral(doc, runs):

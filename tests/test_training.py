@@ -201,3 +201,47 @@ def test_cross_stain_command_scores_another_set(vgg_run, manifest, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 30 and result["n_abnormal"] == 12
     assert 0.0 <= result["false_positive_rate"] <= 1.0 and 0.0 <= result["referral_rate"] <= 1.0
+
+
+def test_run_records_every_input_sha256_and_its_leakage_check(vgg_run):
+    from karyo.manifest import read_manifest, sha256_file
+
+    data = json.loads((vgg_run / "config.json").read_text())["data"]
+    split = read_manifest(vgg_run / "split.csv", root=data["split_root"])
+    assert all(row["sha256"] == sha256_file(split.resolve(row)) for row in split.rows)
+    assert data["split_sha256"] == sha256_file(vgg_run / "split.csv")
+    assert data["leakage"]["protocol"] == "grouped" and data["leakage"]["pairs"] == 0
+
+
+def _with_duplicates(tmp_path, n=6):
+    """The karyogram set plus exact copies of n normal images, each copy its own group."""
+    import shutil
+
+    root = tmp_path / "data"
+    _karyograms(root)
+    for i in range(n):
+        shutil.copy(root / "normal" / f"k{i}.png", root / "normal" / f"copy{i}.png")
+    return import_folder(root, root / "manifest.csv")
+
+
+def test_copies_across_a_grouped_split_stop_the_run(tmp_path, capsys):
+    data = _with_duplicates(tmp_path)
+    out = tmp_path / "run"
+    code = main(["train", "vgg16_original", "--data", str(data), "--out", str(out), "--image-size", "32",
+                 "--weights", "none", "--epochs", "1", "--cache", str(tmp_path / "cache")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("karyo:")]
+    assert code == 2 and len(err) == 1 and "near-identical" in err[0] and "copy" in err[0], err
+    assert not out.exists()
+
+
+def test_copies_across_a_thesis_split_are_counted(tmp_path, capsys):
+    data = _with_duplicates(tmp_path)
+    out = tmp_path / "run"
+    code = main(["train", "vgg16_original", "--data", str(data), "--out", str(out), "--image-size", "32",
+                 "--weights", "none", "--epochs", "1", "--mc", "5", "--split", "thesis",
+                 "--cache", str(tmp_path / "cache")])
+    assert code == 0
+    leakage = json.loads((out / "config.json").read_text())["data"]["leakage"]
+    assert leakage["protocol"] == "thesis" and leakage["pairs"] >= 1
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("karyo: warning:")]
+    assert len(warning) == 1 and "near-identical" in warning[0]
