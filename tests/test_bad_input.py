@@ -42,6 +42,7 @@ from karyo.cli import main
 from karyo.errors import ImageError
 from karyo.imageio import MAX_PIXELS, declared_size, decode_image
 from karyo.manifest import read_manifest, write_manifest
+from tests.conftest import blob_image as karyogram
 
 #: A 300-megapixel PNG of zeros (20000 x 15000): 0.3 MB on disk, 900 MB once decoded to RGB.
 BOMB_SIZE = (20_000, 15_000)
@@ -54,18 +55,6 @@ TINY = ["--image-size", "32", "--weights", "none", "--epochs", "1"]
 
 
 # ------------------------------------------------------------------------------- images
-
-
-def karyogram(seed, size=48, abnormal=False):
-    """A gray 'karyogram-like' image: dark bars on white; abnormal ones carry an extra bar."""
-    rng = np.random.default_rng(seed)
-    image = np.full((size, size), 255, np.uint8)
-    n = 4 + int(abnormal)
-    for k in range(n):
-        x = 3 + k * (size - 6) // n
-        h = int(rng.integers(size // 3, size - 8))
-        image[4:4 + h, x:x + 3] = rng.integers(0, 90)
-    return image
 
 
 def png_bytes(image):
@@ -129,17 +118,21 @@ BAD_IMAGES = tuple(BAD_IMAGE_REASONS)
 
 
 def write_unusual(folder, abnormal=False):
-    """Valid but unusual karyograms: RGBA, 16-bit PNG and TIFF, gray, colour JPEG, non-ASCII name."""
+    """Valid but unusual karyograms: RGBA, 16-bit PNG and TIFF, gray, colour JPEG, non-ASCII name.
+
+    Each file shows another karyogram: the same picture in two files under two groups is the
+    leakage the grouped split refuses (``karyo.leakage``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    gray = karyogram(7 + 100 * abnormal, abnormal=abnormal)
-    alpha = np.dstack([cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), np.full_like(gray, 200)])
-    cv2.imwrite(str(folder / "rgba.png"), alpha)
-    cv2.imwrite(str(folder / "gray16.png"), gray.astype(np.uint16) * 257)
-    cv2.imwrite(str(folder / "gray16.tif"), gray.astype(np.uint16) * 257)
-    cv2.imwrite(str(folder / "gray.png"), gray)
-    cv2.imwrite(str(folder / "colour.jpg"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    gray = iter(karyogram(7 + k + 100 * abnormal, abnormal=abnormal) for k in range(6))
+    alpha = next(gray)
+    cv2.imwrite(str(folder / "rgba.png"), np.dstack([cv2.cvtColor(alpha, cv2.COLOR_GRAY2BGR),
+                                                     np.full_like(alpha, 200)]))
+    cv2.imwrite(str(folder / "gray16.png"), next(gray).astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / "gray16.tif"), next(gray).astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / "gray.png"), next(gray))
+    cv2.imwrite(str(folder / "colour.jpg"), cv2.cvtColor(next(gray), cv2.COLOR_GRAY2BGR))
     # cv2.imwrite cannot open non-ASCII paths on every platform: encode, then write the bytes.
-    (folder / NON_ASCII).write_bytes(png_bytes(gray))
+    (folder / NON_ASCII).write_bytes(png_bytes(next(gray)))
     return sorted(folder.iterdir())
 
 
