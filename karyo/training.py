@@ -583,9 +583,9 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
         member_dir = _member_dir(out, m, experiment.ensemble)
         model_path = member_dir / "model.keras"
         if model_path.is_file() and (member_dir / "history.csv").is_file():
-            import keras
+            from karyo.models import load_model
 
-            model = keras.saving.load_model(model_path, safe_mode=True)
+            model = load_model(model_path)
         else:
             model, history = train_model(experiment, images, labels, member_dir, seed + 1000 * m,
                                          cache_dir, weights_arg, weights_used, class_weight, verbose)
