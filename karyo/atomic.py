@@ -63,7 +63,7 @@ def atomic_dir(path):
     """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
 
     An existing folder at ``path`` is replaced (callers decide whether it may be: see
-    ``karyo.manifest.check_output_folder``); a file there is refused, never renamed away. On
+    ``karyo.data.manifest.check_output_folder``); a file there is refused, never renamed away. On
     failure nothing is left behind.
 
     Raises:

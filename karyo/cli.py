@@ -110,7 +110,7 @@ def _quiet_opencv(debug=False):
 
 
 def cmd_data_import(args):
-    from karyo.manifest import import_folder, read_manifest
+    from karyo.data.manifest import import_folder, read_manifest
 
     out = import_folder(args.folder, args.out, with_sha256=not args.no_sha256)
     manifest = read_manifest(out)
@@ -121,7 +121,7 @@ def cmd_data_import(args):
 
 
 def cmd_data_verify(args):
-    from karyo.manifest import verify_manifest
+    from karyo.data.manifest import verify_manifest
 
     labels = tuple(args.labels.split(",")) if args.labels else None
     problems = verify_manifest(
@@ -176,7 +176,7 @@ def add_data_commands(sub):
 
 
 def cmd_data_synth(args):
-    from karyo.synth import synthesize
+    from karyo.karyograms.synth import synthesize
 
     out = synthesize(args.out, normal=args.normal, abnormal=args.abnormal, size=args.size,
                      seed=args.seed, stain=args.stain, variants=args.variants, progress=True)
@@ -185,7 +185,7 @@ def cmd_data_synth(args):
 
 
 def cmd_data_assemble(args):
-    from karyo.assemble import assemble_cells
+    from karyo.karyograms.assemble import assemble_cells
 
     out = assemble_cells(args.cells, args.out, size=args.size,
                          include_uncertain=args.include_uncertain, progress=True)
@@ -194,7 +194,7 @@ def cmd_data_assemble(args):
 
 
 def cmd_data_chromosomes(args):
-    from karyo.assemble import chromosome_manifest
+    from karyo.karyograms.assemble import chromosome_manifest
 
     out = chromosome_manifest(args.cells, args.out, size=args.size, progress=True)
     print(f"wrote {out}")
@@ -202,7 +202,7 @@ def cmd_data_chromosomes(args):
 
 
 def cmd_data_augment(args):
-    from karyo.augment import augment_manifest
+    from karyo.data.augment import augment_manifest
 
     out = augment_manifest(args.manifest, args.out, normal=args.normal, abnormal=args.abnormal,
                            brightness=args.brightness, noise=args.noise, blur=args.blur,
@@ -278,7 +278,7 @@ def add_data_generators(dsub):
 
 
 def cmd_list(args):
-    from karyo.experiments import list_experiments
+    from karyo.experiments.registry import list_experiments
 
     experiments = list_experiments(args.family)
     width = max(len(e.name) for e in experiments)
@@ -316,8 +316,8 @@ def _load_hyperparameters(path):
 
 
 def cmd_train(args):
-    from karyo.experiments import get_experiment
-    from karyo.training import train_experiment
+    from karyo.experiments.registry import get_experiment
+    from karyo.experiments.training import train_experiment
 
     overrides = _load_hyperparameters(args.hyperparameters)
     fine_tune_epochs = args.fine_tune_epochs if args.fine_tune_epochs is not None else args.epochs
@@ -345,7 +345,7 @@ def _print_metrics(run):
 
 
 def cmd_evaluate(args):
-    from karyo.runs import evaluate_run
+    from karyo.experiments.runs import evaluate_run
 
     evaluate_run(args.run, passes=args.mc, threshold=args.threshold, seed=args.seed)
     _print_metrics(args.run)
@@ -353,8 +353,8 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from karyo.runs import predict_paths
-    from karyo.uncertainty import write_predictions
+    from karyo.experiments.runs import predict_paths
+    from karyo.uncertainty.confidence import write_predictions
 
     rows, problems = predict_paths(args.model, args.paths, passes=args.mc, threshold=args.threshold,
                                    seed=args.seed)
@@ -442,7 +442,7 @@ def add_model_commands(sub):
 
 
 def cmd_tune(args):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
 
     best = tune(args.data, args.out, backbone=args.backbone, max_trials=args.max_trials,
                 epochs=args.epochs, image_size=args.image_size, weights=args.weights,
@@ -492,7 +492,7 @@ def add_tune_command(sub):
 
 
 def cmd_reproduce(args):
-    from karyo.reproduce import reproduce
+    from karyo.experiments.reproduce import reproduce
 
     experiments = args.experiments.split(",") if args.experiments else None
     protocols = args.protocols.split(",") if args.protocols else None
@@ -503,7 +503,7 @@ def cmd_reproduce(args):
 
 
 def cmd_report(args):
-    from karyo.report import write_report
+    from karyo.experiments.report import write_report
 
     print(f"wrote {write_report(args.dir)}")
     return 0
@@ -543,7 +543,7 @@ def add_reproduce_commands(sub):
 
 
 def cmd_transfer(args):
-    from karyo.transfer import two_step
+    from karyo.experiments.transfer import two_step
 
     comparison = two_step(args.intermediate, args.target, args.out, experiment=args.experiment,
                           weights=args.weights, intermediate_size=args.intermediate_size,
@@ -558,7 +558,7 @@ def cmd_transfer(args):
 def cmd_cross_stain(args):
     import json
 
-    from karyo.transfer import cross_stain
+    from karyo.experiments.transfer import cross_stain
 
     result = cross_stain(args.run, args.manifest, root=args.root, passes=args.mc, threshold=args.threshold,
                          seed=args.seed)
@@ -567,7 +567,7 @@ def cmd_cross_stain(args):
 
 
 def cmd_bench(args):
-    from karyo.bench import format_bench, run_bench
+    from karyo.bench.suite import format_bench, run_bench
 
     result = run_bench(quick=args.quick, out=args.out, progress=True)
     print(format_bench(result))

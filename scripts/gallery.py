@@ -17,10 +17,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from karyo import karyotype as kt  # noqa: E402
+from karyo.karyograms import karyotype as kt  # noqa: E402
 from karyo.atomic import atomic_write_bytes  # noqa: E402
-from karyo.imageio import encode_png  # noqa: E402
-from karyo.synth import render_karyogram  # noqa: E402
+from karyo.data.imageio import encode_png  # noqa: E402
+from karyo.karyograms.synth import render_karyogram  # noqa: E402
 
 #: Synthetic tiles: (karyotype name, stain, seed).
 SYNTHETIC = [("normal_xx", "g", 1), ("normal_xy", "g", 2)] + [
@@ -63,7 +63,7 @@ def real_tiles(data, side):
     """Assembled real karyograms, if the shared data holds the cells."""
     import csv
 
-    from karyo.assemble import assemble_cell
+    from karyo.karyograms.assemble import assemble_cell
 
     tiles = []
     for folder, cell, caption in REAL:

@@ -1,6 +1,6 @@
 """Measure the leakage guard's hash: distances of augmented copies against distinct karyograms.
 
-Builds (once, into ``--work``) the data the threshold in :mod:`karyo.leakage` was chosen on:
+Builds (once, into ``--work``) the data the threshold in :mod:`karyo.data.leakage` was chosen on:
 the synthetic alpha-dataset in G- and Q-banding (146 karyograms each), real karyograms assembled
 from ``../shared/data`` (gband612: 584 cells; BioImLab Q-band: 119 cells), and each of them
 augmented as ``karyo data augment`` does (G-band synthetic also with ``--blur 1.5``). It then
@@ -25,15 +25,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from karyo import leakage  # noqa: E402
-from karyo.imageio import decode_image, encode_png  # noqa: E402
+from karyo.data import leakage  # noqa: E402
+from karyo.data.imageio import decode_image, encode_png  # noqa: E402
 
 
 def build(work, data):
     """Create the datasets that are missing; return {name: manifest folder}."""
-    from karyo.assemble import assemble_cells
-    from karyo.augment import augment_manifest
-    from karyo.synth import synthesize
+    from karyo.karyograms.assemble import assemble_cells
+    from karyo.data.augment import augment_manifest
+    from karyo.karyograms.synth import synthesize
 
     plan = {
         "syn-g": lambda out: synthesize(out, stain="g", seed=0, progress=False),

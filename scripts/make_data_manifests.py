@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from karyo.errors import KaryoError, ManifestError
-from karyo.manifest import CHROMOSOME_LABELS, sha256_file, write_manifest
+from karyo.data.manifest import CHROMOSOME_LABELS, sha256_file, write_manifest
 
 #: The sets described, by folder name under the data root.
 SETS = ("gband612", "bioimlab_qband")

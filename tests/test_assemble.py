@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from karyo.assemble import assemble_cells, chromosome_manifest, read_cells, upright
+from karyo.karyograms.assemble import assemble_cells, chromosome_manifest, read_cells, upright
 from karyo.errors import ImageError, ManifestError
-from karyo.layout import slot_boxes
-from karyo.manifest import CHROMOSOME_LABELS, read_manifest, sha256_file, verify_manifest
+from karyo.karyograms.layout import slot_boxes
+from karyo.data.manifest import CHROMOSOME_LABELS, read_manifest, sha256_file, verify_manifest
 
 #: hg38 lengths (Mb) of chromosomes 1..22, X, Y: the crops' relative sizes.
 LENGTH_MB = (249, 242, 198, 190, 182, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102, 90, 83, 80,

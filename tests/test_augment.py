@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from karyo.augment import (
+from karyo.data.augment import (
     augment_image,
     augment_manifest,
     augment_rows,
@@ -18,8 +18,8 @@ from karyo.augment import (
     default_targets,
 )
 from karyo.errors import ImageError, KaryoError, ManifestError
-from karyo.imageio import decode_image
-from karyo.manifest import read_manifest, verify_manifest, write_manifest
+from karyo.data.imageio import decode_image
+from karyo.data.manifest import read_manifest, verify_manifest, write_manifest
 
 
 def karyogram_like(seed=0, h=96, w=128):

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from karyo.backbones import (BACKBONES, block_spans, build_backbone, cut_points, get_backbone,
-                             list_backbones, resolve_weights, weights_identity)
 from karyo.errors import KaryoError
+from karyo.models.backbones import BACKBONES, block_spans, cut_points, get_backbone, list_backbones
+from karyo.models.network import build_backbone
+from karyo.models.weights import resolve_weights, weights_identity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path)
     keras_home.mkdir()
     script = (
         "import json\n"
-        "from karyo.backbones import resolve_weights\n"
+        "from karyo.models.weights import resolve_weights\n"
         "from karyo.errors import KaryoError\n"
         "try:\n"
         "    resolve_weights('imagenet', 'vgg16', timeout=5)\n"
@@ -116,7 +117,7 @@ def test_seeded_random_initialisation_is_reproducible():
 
 
 def test_weights_from_files(tmp_path):
-    from karyo.models import build_model
+    from karyo.models.network import build_model
 
     source = build_backbone("vgg16", 32, "none", seed=1)
     path = tmp_path / "vgg16.weights.h5"
@@ -159,8 +160,9 @@ def test_every_backbone(name, monkeypatch, tmp_path):
     import keras
     from keras.src.utils import file_utils
 
-    from karyo.models import build_model, load_model
-    from karyo.unfreeze import trainable_layer_names, unfreeze_blocks
+    from karyo.models.network import build_model
+    from karyo.models.saving import load_model
+    from karyo.models.unfreeze import trainable_layer_names, unfreeze_blocks
 
     spec = get_backbone(name)
     size = spec.min_size

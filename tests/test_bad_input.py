@@ -40,8 +40,8 @@ import pytest
 
 from karyo.cli import main
 from karyo.errors import ImageError
-from karyo.imageio import MAX_PIXELS, declared_size, decode_image
-from karyo.manifest import read_manifest, write_manifest
+from karyo.data.imageio import MAX_PIXELS, declared_size, decode_image
+from karyo.data.manifest import read_manifest, write_manifest
 from tests.conftest import blob_image as karyogram
 
 #: A 300-megapixel PNG of zeros (20000 x 15000): 0.3 MB on disk, 900 MB once decoded to RGB.
@@ -121,7 +121,7 @@ def write_unusual(folder, abnormal=False):
     """Valid but unusual karyograms: RGBA, 16-bit PNG and TIFF, gray, colour JPEG, non-ASCII name.
 
     Each file shows another karyogram: the same picture in two files under two groups is the
-    leakage the grouped split refuses (``karyo.leakage``)."""
+    leakage the grouped split refuses (``karyo.data.leakage``)."""
     folder.mkdir(parents=True, exist_ok=True)
     gray = iter(karyogram(7 + k + 100 * abnormal, abnormal=abnormal) for k in range(6))
     alpha = next(gray)
@@ -266,7 +266,7 @@ def cell_variants(root):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """Every input of the corpus, written once for the whole session."""
-    from karyo.assemble import chromosome_manifest
+    from karyo.karyograms.assemble import chromosome_manifest
 
     root = tmp_path_factory.mktemp("corpus")
     c = {"root": root}
@@ -358,15 +358,15 @@ def no_training(monkeypatch):
     """Replace what would prepare data or train (after every check has passed) by a failure:
     ``train`` runs ``_train_run``, ``tune`` and ``reproduce`` start with ``prepare_data``, and
     ``transfer`` with the chromosome classifier. Bad input must be refused before any of them."""
-    import karyo.chromosomes
-    import karyo.training
+    import karyo.experiments.chromosomes
+    import karyo.experiments.training
 
     def refuse(*args, **kwargs):
         raise AssertionError("bad input got past the checks into training")
 
-    monkeypatch.setattr(karyo.training, "_train_run", refuse)
-    monkeypatch.setattr(karyo.training, "prepare_data", refuse)
-    monkeypatch.setattr(karyo.chromosomes, "train_chromosome_classifier", refuse)
+    monkeypatch.setattr(karyo.experiments.training, "_train_run", refuse)
+    monkeypatch.setattr(karyo.experiments.training, "prepare_data", refuse)
+    monkeypatch.setattr(karyo.experiments.chromosomes, "train_chromosome_classifier", refuse)
 
 
 # ------------------------------------------------------------------------------- the contract

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from karyo import bench
+from karyo.bench import suite as bench
 from karyo.errors import KaryoError
 
 RATIO_KEYS = {
@@ -94,7 +94,7 @@ def test_tiny_bench_writes_complete_json(tiny_result):
         _check_stats(syn["seconds"], "synth_render.seconds")
         assert syn["images"] == 4
     else:
-        assert "karyo.synth" in syn["reason"]
+        assert "karyo.karyograms.synth" in syn["reason"]
 
     machine = written["machine"]
     assert machine["cores"] >= 1 and machine["tensorflow"] and machine["keras"]
@@ -144,7 +144,7 @@ def test_format_bench_of_a_partial_result():
 
 
 def test_count_macs_matches_the_published_vgg16_figure():
-    from karyo.backbones import build_backbone
+    from karyo.models.network import build_backbone
 
     # VGG16's convolutions at 224 px: 15.35 GMACs (Simonyan & Zisserman's 15.5 G includes
     # the fully connected top, which is removed here). At 32 px, (32 / 224)^2 of that.
@@ -153,7 +153,7 @@ def test_count_macs_matches_the_published_vgg16_figure():
 
 
 def test_resized_pool_gives_distinct_images():
-    base = bench._stand_in_karyograms(3, 64)
+    base = bench.stand_in_karyograms(3, 64)
     pool = bench._resized_pool(base, 10, 32)
     assert pool.shape == (10, 32, 32, 3) and pool.dtype == np.uint8
     assert len({image.tobytes() for image in pool}) == 10

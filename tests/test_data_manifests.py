@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from karyo.manifest import CHROMOSOME_LABELS, read_manifest, verify_manifest, write_manifest
+from karyo.data.manifest import CHROMOSOME_LABELS, read_manifest, verify_manifest, write_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "data_manifests"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

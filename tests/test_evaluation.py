@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from karyo.errors import KaryoError
-from karyo.evaluation import (
+from karyo.uncertainty.metrics import (
     WRONG_COLUMNS,
     area_under_risk_coverage,
     compute_metrics,
@@ -23,7 +23,7 @@ from karyo.evaluation import (
     wrong_predictions_markdown,
     write_wrong_predictions,
 )
-from karyo.uncertainty import (
+from karyo.uncertainty.confidence import (
     predictions_table,
     read_predictions,
     summarize_passes,

@@ -2,10 +2,10 @@
 
 import pytest
 
-from karyo.backbones import get_backbone
+from karyo.models.backbones import get_backbone
 from karyo.cli import main
 from karyo.errors import KaryoError
-from karyo.experiments import EXPERIMENTS, THESIS_EXPERIMENTS, get_experiment, list_experiments
+from karyo.experiments.registry import EXPERIMENTS, THESIS_EXPERIMENTS, get_experiment, list_experiments
 
 TABLE_51_NAMES = ["vgg16_original", "inceptionv3_original", "vgg16_augmented", "inceptionv3_augmented",
                   "vgg16_unfreeze1", "vgg16_unfreeze2", "inceptionv3_unfreeze_all"]
@@ -24,7 +24,7 @@ def test_the_seven_thesis_rows_in_table_order():
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_every_experiment_is_buildable_as_declared(name):
-    from karyo.models import n_blocks_arg
+    from karyo.models.network import n_blocks_arg
 
     e = get_experiment(name)
     backbone = get_backbone(e.backbone)

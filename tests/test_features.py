@@ -5,9 +5,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from karyo import features as features_module  # noqa: E402
+from karyo.models import features as features_module  # noqa: E402
 from karyo.errors import KaryoError  # noqa: E402
-from karyo.features import cache_key, cached_features, image_digest  # noqa: E402
+from karyo.models.features import cache_key, cached_features, image_digest  # noqa: E402
 
 KEY = ["tiny", "none:seed=0", 16, "pooled"]
 
@@ -84,7 +84,7 @@ def test_key_separates_parts_and_networks(tmp_path):
 
 
 def test_seeded_backbones_share_a_key_unseeded_ones_do_not():
-    from karyo.models import build_model, split_model
+    from karyo.models.network import build_model, split_model
 
     keys = [cache_key(split_model(build_model("vgg16", 32, seed=seed), 0)[0], KEY)[0]
             for seed in (3, 3, None)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from karyo.errors import ImageError
-from karyo.imageio import decode_image, encode_png, read_image, write_image
+from karyo.data.imageio import decode_image, encode_png, read_image, write_image
 
 
 def test_gray_png_becomes_three_identical_channels(tmp_path):

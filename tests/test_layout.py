@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from karyo.errors import KaryoError
-from karyo.layout import (ROWS, SLOTS, arrange_karyogram, background_level, fit_scale, gap,
-                          number_boxes, slot_boxes)
+from karyo.karyograms.layout import (ROWS, SLOTS, arrange_karyogram, background_level, fit_scale, gap,
+                                     number_boxes, slot_boxes)
 
 
 def bar(height, width=8, level=60, background=255):

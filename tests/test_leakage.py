@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from karyo import karyotype as kt
-from karyo import leakage
-from karyo.augment import augment_image, augment_manifest
+from karyo.karyograms import karyotype as kt
+from karyo.data import leakage
+from karyo.data.augment import augment_image, augment_manifest
 from karyo.errors import KaryoError, SplitError
-from karyo.imageio import decode_image, write_image
-from karyo.leakage import (
+from karyo.data.imageio import decode_image, write_image
+from karyo.data.leakage import (
     DEFAULT_THRESHOLD,
     check_leakage,
     hamming_distances,
@@ -20,9 +20,9 @@ from karyo.leakage import (
     perceptual_hash,
     write_pairs,
 )
-from karyo.manifest import Manifest, read_manifest, write_manifest
-from karyo.splits import split_rows
-from karyo.synth import render_karyogram, synthesize
+from karyo.data.manifest import Manifest, read_manifest, write_manifest
+from karyo.data.splits import split_rows
+from karyo.karyograms.synth import render_karyogram, synthesize
 
 SIZE = 224  # small, but above the ~160 px where the hash stays reliable (see the module's table)
 
@@ -215,7 +215,7 @@ def test_augment_then_split_leaks_exactly_where_sources_straddle(tmp_path):
 
 @pytest.mark.realdata
 def test_real_karyograms_of_other_patients_are_never_near_duplicates(shared_data, tmp_path):
-    from karyo.assemble import assemble_cells
+    from karyo.karyograms.assemble import assemble_cells
 
     manifest_path = assemble_cells(shared_data / "gband612", tmp_path / "real", cells=40, progress=False)
     manifest = read_manifest(manifest_path)

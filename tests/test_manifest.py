@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from karyo.errors import ManifestError
-from karyo.manifest import (
+from karyo.data.manifest import (
     import_folder,
     read_manifest,
     sha256_file,

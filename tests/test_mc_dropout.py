@@ -6,10 +6,10 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from karyo.errors import KaryoError  # noqa: E402
-from karyo.features import cached_features  # noqa: E402
-from karyo.mc_dropout import (mc_dropout_layers, mc_predict, naive_mc_predict,  # noqa: E402
-                              split_at_first_mc_dropout)
-from karyo.models import build_model, split_model  # noqa: E402
+from karyo.models.features import cached_features  # noqa: E402
+from karyo.uncertainty.mc_dropout import (mc_dropout_layers, mc_predict, naive_mc_predict,  # noqa: E402
+                                          split_at_first_mc_dropout)
+from karyo.models.network import build_model, split_model  # noqa: E402
 
 
 def images(n, size, seed=0):
@@ -44,7 +44,7 @@ def test_with_cached_backbone_features(vgg16, tmp_path):
 
 def test_backbone_once_per_image_and_inference_mode_elsewhere(vgg16, monkeypatch):
     """The deterministic part sees each image once; no BatchNormalization statistic moves."""
-    from karyo.mc_dropout import _compiled
+    from karyo.uncertainty.mc_dropout import _compiled
 
     deterministic, stochastic = split_at_first_mc_dropout(vgg16)
     assert deterministic.output.shape[1:] == (512,) and stochastic.input.shape[1:] == (512,)

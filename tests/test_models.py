@@ -13,10 +13,11 @@ keras = pytest.importorskip("keras")
 
 from karyo.atomic import atomic_path  # noqa: E402
 from karyo.errors import KaryoError  # noqa: E402
-from karyo.features import cached_features  # noqa: E402
-from karyo.mc_dropout import mc_predict, reset_mc_dropout_seeds  # noqa: E402
-from karyo.models import MCDropout, Preprocess, build_head, build_model, split_model  # noqa: E402
-from karyo.unfreeze import unfreeze_blocks  # noqa: E402
+from karyo.models.features import cached_features  # noqa: E402
+from karyo.uncertainty.mc_dropout import mc_predict, reset_mc_dropout_seeds  # noqa: E402
+from karyo.models.layers import MCDropout, Preprocess  # noqa: E402
+from karyo.models.network import build_head, build_model, split_model  # noqa: E402
+from karyo.models.unfreeze import unfreeze_blocks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,8 +159,8 @@ _CHILD = r"""
 import json, sys
 import numpy as np
 import keras
-import karyo.models  # registers karyo>MCDropout and karyo>Preprocess
-from karyo.mc_dropout import mc_dropout_layers, mc_predict, naive_mc_predict
+import karyo.models.layers  # registers karyo>MCDropout and karyo>Preprocess
+from karyo.uncertainty.mc_dropout import mc_dropout_layers, mc_predict, naive_mc_predict
 
 model = keras.saving.load_model(sys.argv[1], safe_mode=True)
 x = np.load(sys.argv[2])
@@ -221,8 +222,8 @@ def test_saved_model_reloads_in_a_fresh_process(tmp_path):
 
 def test_a_model_carrying_python_code_is_refused(tmp_path):
     """Safe mode: a .keras file whose Lambda layer holds Python bytecode is not deserialised."""
-    from karyo.models import load_model
-    from karyo.runs import load_models
+    from karyo.models.saving import load_model
+    from karyo.experiments.runs import load_models
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda t: t * 2.0)(inputs)

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from karyo.cli import main
-from karyo.experiments import THESIS_EXPERIMENTS
-from karyo.report import METRICS
+from karyo.experiments.registry import THESIS_EXPERIMENTS
+from karyo.experiments.report import METRICS
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from karyo.experiments import get_experiment
-from karyo.training import train_experiment
+from karyo.experiments.registry import get_experiment
+from karyo.experiments.training import train_experiment
 from tests.test_training import _karyograms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,8 @@ TRAIN = dict(image_size=32, weights="none", epochs=4, fine_tune_epochs=2, batch_
 def test_a_run_in_a_busy_process_equals_the_same_run_in_a_fresh_one(tmp_path):
     manifest = _karyograms(tmp_path / "data")
     fresh = tmp_path / "fresh"
-    script = ("from karyo.experiments import get_experiment; from karyo.training import train_experiment; "
+    script = ("from karyo.experiments.registry import get_experiment; "
+              "from karyo.experiments.training import train_experiment; "
               f"train_experiment(get_experiment('vgg16_unfreeze1', **{TRAIN!r}), {str(manifest)!r}, "
               f"{str(fresh)!r}, cache_dir={str(tmp_path / 'fresh-cache')!r}, verbose=0, progress=False)")
     done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True,
@@ -79,14 +80,14 @@ def test_a_run_in_a_busy_process_equals_the_same_run_in_a_fresh_one(tmp_path):
 
 
 def _trials_without_timing(out):
-    from karyo.tuning import read_trials
+    from karyo.experiments.tuning import read_trials
 
     return [{k: v for k, v in row.items() if k != "seconds"} for row in read_trials(out / "trials.csv")]
 
 
 @pytest.mark.slow
 def test_a_killed_search_rerun_equals_an_uninterrupted_one(tmp_path):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
     from tests.test_tuning import TINY, _trial_json
 
     manifest = _karyograms(tmp_path / "data", normal=15, abnormal=10)
@@ -97,7 +98,7 @@ def test_a_killed_search_rerun_equals_an_uninterrupted_one(tmp_path):
     # Trials 0-5 draw random values, 6 on ask the Gaussian process (6 = 3 x 2 searched
     # hyperparameters): killed in trial 6, the rerun runs 6 again and asks the process for 7.
     killed = tmp_path / "killed"
-    script = f"from karyo.tuning import tune; tune({str(manifest)!r}, {str(killed)!r}, **{settings!r})"
+    script = f"from karyo.experiments.tuning import tune; tune({str(manifest)!r}, {str(killed)!r}, **{settings!r})"
     _kill_when(script, lambda: _trial_json(killed, 6).is_file())
     assert json.loads(_trial_json(killed, 6).read_text())["status"] == "RUNNING"
     assert not (killed / "best.json").exists()
@@ -120,7 +121,7 @@ def _tables(report):
 
 @pytest.mark.slow
 def test_a_killed_reproduction_rerun_equals_an_uninterrupted_one(tmp_path):
-    from karyo.reproduce import reproduce
+    from karyo.experiments.reproduce import reproduce
 
     options = dict(preset="tiny", experiments=("vgg16_original", "vgg16_unfreeze1"),
                    protocols=("grouped",), tune=False, log=lambda message: None)
@@ -129,7 +130,7 @@ def test_a_killed_reproduction_rerun_equals_an_uninterrupted_one(tmp_path):
 
     killed = tmp_path / "killed"
     runs = killed / "runs" / "grouped"
-    script = (f"from karyo.reproduce import reproduce; reproduce({str(killed)!r}, "
+    script = (f"from karyo.experiments.reproduce import reproduce; reproduce({str(killed)!r}, "
               f"**{ {k: v for k, v in options.items() if k != 'log'}!r})")
     # Killed while the second run trains: the first one is finished, the second has begun.
     _kill_when(script, lambda: (runs / "vgg16_unfreeze1" / "phase-head").is_dir())

@@ -13,9 +13,9 @@ import keras
 import numpy as np
 import pytest
 
-import karyo.training as training
+import karyo.experiments.training as training
 from karyo.cli import main
-from karyo.models import build_head
+from karyo.models.network import build_head
 from tests.test_training import _karyograms
 
 # ------------------------------------------------------------------ one phase, interrupted in-process
@@ -149,7 +149,7 @@ def test_the_backup_holds_the_optimizer_state_and_the_callbacks_state(tmp_path, 
 
 
 def test_each_epoch_draws_its_order_and_masks_from_the_seed_and_epoch_alone():
-    from karyo.pipeline import make_dataset, steps_per_epoch
+    from karyo.data.pipeline import make_dataset, steps_per_epoch
 
     x = np.arange(10, dtype=np.float32)[:, None]
     steps = steps_per_epoch(10, 4)

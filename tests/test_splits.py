@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from karyo.errors import SplitError
-from karyo.splits import split_rows, straddling_groups
+from karyo.data.splits import split_rows, straddling_groups
 
 
 def _rows(n_groups, copies, abnormal_every=3):

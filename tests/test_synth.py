@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from karyo import karyotype as kt
-from karyo import synth
+from karyo.karyograms import karyotype as kt
+from karyo.karyograms import synth
 from karyo.errors import KaryoError
-from karyo.layout import slot_boxes
-from karyo.manifest import read_manifest, sha256_file, verify_manifest
-from karyo.synth import plan_dataset, render_chromosome, render_karyogram, synthesize
+from karyo.karyograms.layout import slot_boxes
+from karyo.data.manifest import read_manifest, sha256_file, verify_manifest
+from karyo.karyograms.synth import plan_dataset, render_chromosome, render_karyogram, synthesize
 
 #: Foreground thresholds: below this on white (G-band), above this on black (Q-band).
 THRESHOLD = {"g": 238, "q": 35}

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from karyo.cli import main
-from karyo.evaluation import metrics_from_predictions
-from karyo.experiments import get_experiment
-from karyo.manifest import import_folder, read_manifest, write_manifest
-from karyo.training import train_experiment
+from karyo.uncertainty.metrics import metrics_from_predictions
+from karyo.experiments.registry import get_experiment
+from karyo.data.manifest import import_folder, read_manifest, write_manifest
+from karyo.experiments.training import train_experiment
 
 RUN_FILES = ("config.json", "split.csv", "history.csv", "model.keras", "predictions.csv",
              "metrics.json", "wrong_predictions.csv", "wrong_predictions.md")
@@ -204,7 +204,7 @@ def test_cross_stain_command_scores_another_set(vgg_run, manifest, capsys):
 
 
 def test_run_records_every_input_sha256_and_its_leakage_check(vgg_run):
-    from karyo.manifest import read_manifest, sha256_file
+    from karyo.data.manifest import read_manifest, sha256_file
 
     data = json.loads((vgg_run / "config.json").read_text())["data"]
     split = read_manifest(vgg_run / "split.csv", root=data["split_root"])

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from karyo.chromosomes import chromosome_metrics, split_by_case
-from karyo.manifest import CHROMOSOME_LABELS, read_manifest
-from karyo.splits import straddling_groups
+from karyo.experiments.chromosomes import chromosome_metrics, split_by_case
+from karyo.data.manifest import CHROMOSOME_LABELS, read_manifest
+from karyo.data.splits import straddling_groups
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -47,7 +47,7 @@ def small_real(tmp_path_factory):
     """Assembled G-band karyograms and G-band / Q-band chromosome crops of a few real cells."""
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
-    from karyo.assemble import assemble_cells, chromosome_manifest
+    from karyo.karyograms.assemble import assemble_cells, chromosome_manifest
 
     tmp = tmp_path_factory.mktemp("real")
     gband = SHARED_DATA / "gband612"
@@ -117,7 +117,7 @@ def test_splits_are_by_case_and_identical_for_both_arms(two_step_run, small_real
 
 @pytest.mark.slow
 def test_hand_over_copies_the_intermediate_backbone(two_step_run):
-    from karyo.models import load_model
+    from karyo.models.saving import load_model
 
     def first_kernel(run):
         model = load_model(two_step_run / run / "model.keras")
@@ -131,7 +131,7 @@ def test_hand_over_copies_the_intermediate_backbone(two_step_run):
 
 @pytest.mark.slow
 def test_cross_stain_on_qband(two_step_run, small_real):
-    from karyo.transfer import cross_stain
+    from karyo.experiments.transfer import cross_stain
 
     result = cross_stain(two_step_run / "two_step", small_real["qband"], passes=5)
     assert result["n"] == result["n_normal"] == 5 and result["n_abnormal"] == 0

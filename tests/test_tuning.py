@@ -1,4 +1,4 @@
-"""The Bayesian search (karyo.tuning): results, resuming, failures, the extended space and
+"""The Bayesian search (karyo.experiments.tuning): results, resuming, failures, the extended space and
 keras-tuner's distributed mode. Tiny data: generated karyogram-like images, VGG16 at 32 px
 without weights, one epoch per trial."""
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from karyo.errors import KaryoError
-from karyo.manifest import write_manifest
+from karyo.data.manifest import write_manifest
 
 pytest.importorskip("keras_tuner")
 
@@ -58,7 +58,7 @@ def cache(tmp_path_factory):
 
 
 def _trials(out):
-    from karyo.tuning import read_trials
+    from karyo.experiments.tuning import read_trials
 
     return read_trials(Path(out) / "trials.csv")
 
@@ -77,7 +77,7 @@ def _env(**extra):
 
 
 def _tune_script(manifest, out, cache, max_trials):
-    return ("import json; from karyo.tuning import tune; "
+    return ("import json; from karyo.experiments.tuning import tune; "
             f"r = tune({str(manifest)!r}, {str(out)!r}, cache_dir={str(cache)!r}, "
             f"max_trials={max_trials}, **{TINY!r}); print('RESULT', json.dumps(r))")
 
@@ -86,7 +86,7 @@ def _tune_script(manifest, out, cache, max_trials):
 
 
 def test_batch_size_choices_are_thesis_powers_of_two_capped_by_training_set():
-    from karyo.tuning import batch_size_choices
+    from karyo.experiments.tuning import batch_size_choices
 
     assert batch_size_choices(10_000) == [8, 16, 32, 64, 128, 256, 512]
     assert batch_size_choices(100) == [8, 16, 32, 64]
@@ -95,8 +95,8 @@ def test_batch_size_choices_are_thesis_powers_of_two_capped_by_training_set():
 
 
 def test_unfreeze_choices_follow_each_backbones_blocks():
-    from karyo.backbones import get_backbone
-    from karyo.tuning import unfreeze_choices
+    from karyo.models.backbones import get_backbone
+    from karyo.experiments.tuning import unfreeze_choices
 
     assert unfreeze_choices("vgg16") == [0, 1, 2]
     n = len(get_backbone("inceptionv3").blocks)
@@ -109,7 +109,7 @@ def test_unfreeze_choices_follow_each_backbones_blocks():
     (dict(backbone="alexnet"), "unknown backbone"),
 ])
 def test_bad_arguments_fail_before_any_work(manifest, tmp_path, kwargs, message):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
 
     with pytest.raises(KaryoError, match=message):
         tune(manifest, tmp_path / "out", **dict(TINY, **kwargs))
@@ -120,7 +120,7 @@ def test_bad_arguments_fail_before_any_work(manifest, tmp_path, kwargs, message)
 
 
 def test_search_writes_results_and_a_rerun_adds_no_trials(manifest, cache, tmp_path):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
 
     out = tmp_path / "search"
     best = tune(manifest, out, max_trials=6, cache_dir=cache, seed=3, **TINY)
@@ -164,7 +164,7 @@ def test_search_writes_results_and_a_rerun_adds_no_trials(manifest, cache, tmp_p
 
 @pytest.mark.slow
 def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
 
     out = tmp_path / "search"
     process = subprocess.Popen([sys.executable, "-c", _tune_script(manifest, out, cache, 6)],
@@ -200,7 +200,7 @@ def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path
 
 
 def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, monkeypatch):
-    import karyo.tuning as tuning
+    import karyo.experiments.tuning as tuning
 
     real, calls = tuning._fit_phase, []
 
@@ -225,7 +225,7 @@ def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, 
 
 def test_search_whose_trials_all_fail_raises_and_writes_no_best(
         manifest, cache, tmp_path, monkeypatch):
-    import karyo.tuning as tuning
+    import karyo.experiments.tuning as tuning
 
     real = tuning._fit_phase
 
@@ -252,8 +252,8 @@ def test_search_whose_trials_all_fail_raises_and_writes_no_best(
 def test_a_diverged_trial_fails_instead_of_scoring_nan():
     from keras_tuner.errors import FailedTrialError
 
-    from karyo.models import build_head
-    from karyo.tuning import _fit_phase
+    from karyo.models.network import build_head
+    from karyo.experiments.tuning import _fit_phase
 
     # What an exploding learning rate leaves behind. (inf, not NaN: with oneDNN on, ReLU maps NaN
     # inputs to 0 and the loss stays finite, so NaN inputs would not make the loss diverge.)
@@ -269,9 +269,9 @@ def test_a_diverged_trial_fails_instead_of_scoring_nan():
 def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
     import keras_tuner
 
-    from karyo.features import cached_features
-    from karyo.models import build_model, split_model
-    from karyo.tuning import _make_hypermodel_class
+    from karyo.models.features import cached_features
+    from karyo.models.network import build_model, split_model
+    from karyo.experiments.tuning import _make_hypermodel_class
 
     rng = np.random.default_rng(0)
     images = {p: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for p, n in (("train", 12), ("val", 4))}
@@ -300,7 +300,7 @@ def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
 
 
 def test_extended_search_reports_its_extra_hyperparameters(manifest, cache, tmp_path):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
 
     out = tmp_path / "search"
     best = tune(manifest, out, max_trials=2, cache_dir=cache, space="extended", **TINY)
@@ -361,7 +361,7 @@ def test_distributed_search_with_a_chief_and_two_workers(manifest, cache, tmp_pa
 
 
 def test_resume_repairs_the_state_a_kill_between_two_writes_leaves(manifest, cache, tmp_path):
-    from karyo.tuning import tune
+    from karyo.experiments.tuning import tune
 
     out = tmp_path / "search"
     tune(manifest, out, max_trials=3, cache_dir=cache, **TINY)

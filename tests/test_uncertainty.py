@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from karyo.errors import KaryoError
-from karyo.uncertainty import (
+from karyo.uncertainty.confidence import (
     PREDICTION_COLUMNS,
     predictions_table,
     read_predictions,

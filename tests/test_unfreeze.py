@@ -6,8 +6,8 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from karyo.errors import KaryoError  # noqa: E402
-from karyo.models import build_model  # noqa: E402
-from karyo.unfreeze import trainable_layer_names, unfreeze_blocks  # noqa: E402
+from karyo.models.network import build_model  # noqa: E402
+from karyo.models.unfreeze import trainable_layer_names, unfreeze_blocks  # noqa: E402
 
 HEAD = ["head/dense", "head/batch_norm", "head/output"]
 

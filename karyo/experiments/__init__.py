@@ -1,0 +1,36 @@
+"""Experiments: the registry, training, tuning, runs, reproduction, transfer, report and figures.
+
+Every experiment is declared once in :mod:`.registry` and run by name: :mod:`.training` trains
+it into a run folder, :mod:`.tuning` searches its hyperparameters with keras-tuner, :mod:`.runs`
+evaluates and predicts, :mod:`.reproduce` runs the thesis' Table 5.1 and :mod:`.report` writes it.
+
+Names are imported lazily (PEP 562, through ``lazy_loader``): importing the package is cheap,
+and TensorFlow is imported only by the modules that need it, when they are first used.
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=['chromosomes', 'figures', 'registry', 'report', 'reproduce', 'runs', 'training', 'transfer', 'tuning'],
+    submod_attrs={
+        'chromosomes': ['split_by_case', 'chromosome_metrics', 'train_chromosome_classifier'],
+        'figures': [
+            'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
+            'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
+        ],
+        'registry': ['ThesisResult', 'Experiment', 'list_experiments', 'get_experiment'],
+        'report': ['collect_runs', 'write_report'],
+        'reproduce': ['Preset', 'get_preset', 'run_dir', 'reproduce'],
+        'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
+        'training': [
+            'default_cache_dir', 'is_complete', 'prepare_data', 'environment', 'read_json', 'seed_generators',
+            'read_backup_state', 'epoch_seeding', 'fit_part', 'train_model', 'write_history', 'train_experiment',
+        ],
+        'transfer': [
+            'target_holdout_groups', 'two_step', 'check_inputs', 'write_comparison', 'comparison_markdown',
+            'cross_stain',
+        ],
+        'tuning': ['batch_size_choices', 'unfreeze_choices', 'read_trials', 'tune'],
+    },
+)

@@ -1,0 +1,203 @@
+"""The intermediate task of two-step transfer: classifying single chromosomes into 24 classes.
+
+The two-step transfer paper (``../shared/seeds/000_...txt``) trains an ImageNet network first on
+an intermediate domain close to the target, single chromosomes, then on the target task. Here the
+intermediate task is the 24-class classification (``1``..``22``, ``X``, ``Y``) of the crops that
+``karyo data chromosomes`` writes from ``gband612`` or BioImLab's Q-band set; its ``model.keras``
+is handed to the karyogram task with ``--weights FILE`` (``karyo.models.weights.resolve_weights``
+copies its backbone).
+
+Training reuses the karyogram task's pieces (``karyo.experiments.training.fit_part``): the head trains on
+cached features of the frozen backbone, then, if asked, the last ``unfreeze`` blocks (or all of
+them) are fine-tuned. Early stopping follows validation accuracy, since Keras' AUC does not take
+sparse 24-class labels. The split is by case (``group``): no patient's chromosomes are on both
+sides.
+
+A run folder holds ``config.json``, ``split.csv``, ``history.csv``, ``model.keras``,
+``metrics.json`` (accuracy, Macro-F1, per-class F1; written last, so its presence means the run
+finished) and ``confusion_matrix.png``.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from karyo.atomic import atomic_path, atomic_write_text
+from karyo.data.manifest import check_manifest, CHROMOSOME_LABELS, read_manifest, sha256_file, write_manifest
+from karyo.data.pipeline import label_indices, load_images
+from karyo.data.splits import split_rows
+from karyo.errors import KaryoError
+from karyo.experiments import figures
+from karyo.experiments.training import write_history, default_cache_dir, environment, fit_part
+from karyo.models.backbones import check_image_size
+from karyo.models.features import cached_features
+from karyo.models.network import backbone_blocks, build_model, n_blocks_arg, split_model
+from karyo.models.unfreeze import unfreeze_blocks
+from karyo.models.weights import resolve_weights, weights_identity
+from karyo.uncertainty.mc_dropout import mc_predict
+
+#: Fine-tuning learning rate: the karyogram experiments' 1e-5 (1e-3 / 100) is too slow for a
+#: randomly initialised backbone in a few epochs; 1e-4 is the registry's ``vgg16_scratch`` rate.
+DEFAULT_FINE_TUNE_LR = 1e-4
+
+
+def split_by_case(rows, seed=0):
+    """Train / val / test part of every chromosome row, whole cases at a time.
+
+    ``karyo.data.splits.split_rows`` stratifies groups by their most common label, which for a
+    chromosome task is an arbitrary autosome; the cases are split instead as one row each,
+    labelled by sex (a case with a Y crop is ``XY``), so the Y class reaches every part.
+
+    Returns:
+        list of part names, in the order of ``rows``.
+    """
+
+    by_case = {}
+    for row in rows:
+        sex = by_case.setdefault(row["group"], "XX")
+        if row["label"] == "Y" or sex == "XY":
+            by_case[row["group"]] = "XY"
+    cases = [{"group": g, "label": sex} for g, sex in by_case.items()]
+    if len({c["label"] for c in cases}) > 1 and min(
+            sum(c["label"] == s for c in cases) for s in ("XX", "XY")) < 3:
+        for case in cases:  # too few of one sex to stratify: split the cases unstratified
+            case["label"] = "any"
+    parts = dict(zip(by_case, split_rows(cases, "grouped", seed)))
+    return [parts[row["group"]] for row in rows]
+
+
+def chromosome_metrics(labels, pred, class_names=CHROMOSOME_LABELS):
+    """Accuracy, Macro-F1 (scikit-learn ``f1_score(average="macro")``) and per-class F1.
+
+    Classes absent from both ``labels`` and ``pred`` are left out of the macro average (their
+    F1 is undefined), and reported as ``None``.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    present = sorted(set(labels.tolist()) | set(pred.tolist()))
+    per_class = f1_score(labels, pred, labels=present, average=None, zero_division=0)
+    f1_of = dict(zip(present, per_class))
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro_f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
+        "per_class_f1": {name: (float(f1_of[i]) if i in f1_of else None)
+                         for i, name in enumerate(class_names)},
+        "n": int(len(labels)),
+    }
+
+
+def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, weights="auto",
+                                epochs=5, batch_size=32, lr=1e-3, seed=0, cache_dir=None,
+                                unfreeze="all", fine_tune_epochs=None,
+                                fine_tune_lr=DEFAULT_FINE_TUNE_LR, patience=3, root=None,
+                                exclude_groups=(), mc_passes=20, verbose=0, progress=True):
+    """Train the 24-class single-chromosome classifier into a run folder; return the folder.
+
+    Args:
+        manifest: chromosome manifest (``karyo data chromosomes``; labels ``1``..``22``, X, Y;
+            ``group`` = case).
+        out: run folder to create (a finished one, with ``metrics.json``, is returned as is).
+        backbone, image_size: the network (VGG16's minimum is 32 px).
+        weights: ``imagenet``, ``none``, ``auto`` or a weights file (see ``resolve_weights``).
+        epochs: head epochs on cached features; fine_tune_epochs: after unfreezing (default
+            ``epochs``).
+        batch_size, lr: head training (Adam).
+        seed: seeds the split by case, the initial weights and dropout.
+        cache_dir: backbone feature cache (default ``karyo.experiments.training.default_cache_dir()``).
+        unfreeze: ``0`` (frozen backbone: its weights are handed over unchanged, so two-step
+            equals one-step), ``k`` last blocks, or ``"all"``.
+        fine_tune_lr: learning rate after unfreezing.
+        patience: early-stopping patience (epochs without a better validation accuracy).
+        root: folder the manifest's paths are relative to.
+        exclude_groups: cases to leave out (e.g. the karyogram task's validation and test cases
+            when both tasks come from the same patients).
+        mc_passes: MC Dropout passes averaged for the test predictions.
+        verbose: Keras' fit verbosity.
+
+    Raises:
+        KaryoError: unknown labels, an empty split, a bad backbone or image size.
+    """
+    import keras
+
+    out = Path(out)
+    if (out / "metrics.json").is_file():
+        return out
+    image_size = check_image_size(backbone, image_size)
+
+    # Validate first, then write: every row's label, file, sha256 and image before out exists.
+    data = check_manifest(read_manifest(manifest, root), CHROMOSOME_LABELS, every_class=False,
+                          progress=progress)
+    excluded = {str(g) for g in exclude_groups}
+    rows = [dict(r) for r in data.rows if r["group"] not in excluded]
+    if not rows:
+        raise KaryoError(f"{manifest}: no chromosomes left after excluding {len(excluded)} case(s)")
+    for row, part in zip(rows, split_by_case(rows, seed)):
+        row["split"] = part
+    parts = {p: [r for r in rows if r["split"] == p] for p in ("train", "val", "test")}
+    for part, members in parts.items():
+        if not members:
+            raise KaryoError(f"{manifest}: the {part} split is empty (too few cases)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out / "split.csv", rows)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    weights_arg, weights_used, weights_note = resolve_weights(weights, backbone)
+    started = time.time()
+    images = {p: load_images(data, r, image_size, progress, p) for p, r in parts.items()}
+    labels = {p: label_indices(r, CHROMOSOME_LABELS) for p, r in parts.items()}
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(backbone, image_size, weights=weights_arg, n_outputs=len(CHROMOSOME_LABELS),
+                        seed=seed)
+    key = [backbone, weights_identity(weights_used, weights_arg, seed), image_size, "chromosomes"]
+    frozen, head = split_model(model, 0)
+    feats = {p: cached_features(frozen, images[p], key + ["pooled"], cache_dir, progress=progress)
+             for p in ("train", "val")}
+    history = [dict(r, phase="head") for r in fit_part(
+        head, feats["train"], labels["train"], feats["val"], labels["val"], epochs, batch_size, lr,
+        out / "phase-head", out / "logs" / "head", patience, seed, verbose=verbose,
+        monitor="val_accuracy")]
+    n_unfrozen = n_blocks_arg(unfreeze, len(backbone_blocks(model)))
+    fine_tune_epochs = epochs if fine_tune_epochs is None else int(fine_tune_epochs)
+    if n_unfrozen > 0 and fine_tune_epochs > 0:
+        unfreeze_blocks(model, unfreeze)
+        frozen, rest = split_model(model, unfreeze)
+        if frozen is None:
+            t_train, t_val = images["train"].astype("float32"), images["val"].astype("float32")
+            rest = model
+        else:
+            k = key + [f"unfreeze{unfreeze}"]
+            t_train = cached_features(frozen, images["train"], k, cache_dir, progress=progress)
+            t_val = cached_features(frozen, images["val"], k, cache_dir, progress=progress)
+        offset = len(history)
+        fine = fit_part(rest, t_train, labels["train"], t_val, labels["val"], fine_tune_epochs,
+                        batch_size, fine_tune_lr, out / "phase-fine_tune", out / "logs" / "fine_tune",
+                        patience, seed, verbose=verbose, monitor="val_accuracy")
+        history += [dict(r, phase="fine_tune", epoch=str(int(r["epoch"]) + offset)) for r in fine]
+    with atomic_path(out / "model.keras") as tmp:
+        model.save(tmp)
+    write_history(out / "history.csv", history)
+
+    probs = mc_predict(model, images["test"], T=mc_passes, seed=seed).mean(axis=0)
+    pred = probs.argmax(axis=1)
+    metrics = chromosome_metrics(labels["test"], pred)
+    metrics.update({"mc_passes": int(mc_passes), "counts": {p: len(r) for p, r in parts.items()},
+                    "cases": {p: len({r["group"] for r in m}) for p, m in parts.items()}})
+    figures.plot_confusion_matrix(labels["test"], pred, out / "confusion_matrix.png",
+                                  class_names=CHROMOSOME_LABELS,
+                                  title=f"Chromosome classes, {backbone} {image_size} px")
+    config = {
+        "task": "chromosomes", "manifest": str(Path(manifest).resolve()),
+        "sha256": sha256_file(manifest), "root": str(data.root.resolve()), "backbone": backbone,
+        "image_size": image_size, "weights_requested": str(weights), "weights_used": weights_used,
+        "weights_note": weights_note, "epochs": epochs, "fine_tune_epochs": fine_tune_epochs,
+        "batch_size": batch_size, "lr": lr, "fine_tune_lr": fine_tune_lr, "unfreeze": unfreeze,
+        "patience": patience, "seed": seed, "excluded_cases": len(excluded),
+        "monitor": "val_accuracy", "train_seconds": round(time.time() - started, 1),
+        "environment": environment(),
+    }
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return out

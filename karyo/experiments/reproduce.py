@@ -1,0 +1,173 @@
+"""``karyo reproduce``: the thesis' experiments end to end, under both split protocols.
+
+Steps: (1) the data: the manifest given, or the synthetic alpha-dataset (105 normal + 41
+abnormal karyograms, thesis 3.1.2) rendered from the cytoband table; (2) the Bayesian search
+over learning rate and batch size (thesis 3.2); (3) the seven rows of Table 5.1 under the
+``thesis`` protocol (augment, then split per image, as published) and the ``grouped`` one
+(split by group, augment the training part only); (4) the report beside the published numbers.
+
+Presets are declared once, here, as data. Everything lands under one output folder, and a
+rerun on the same folder skips what already finished.
+"""
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from karyo.data.manifest import check_manifest, KARYOGRAM_LABELS, read_manifest
+from karyo.data.splits import PROTOCOLS, split_rows
+from karyo.errors import KaryoError
+from karyo.experiments.registry import get_experiment, THESIS_EXPERIMENTS
+from karyo.experiments.report import write_report
+from karyo.experiments.training import is_complete, train_experiment
+from karyo.experiments.tuning import tune
+from karyo.karyograms.synth import synthesize
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and lengths of a reproduction.
+
+    Attributes:
+        synth_normal, synth_abnormal, synth_size: the synthetic dataset rendered when no
+            ``--data`` is given (the thesis' alpha-dataset has 105 + 41 karyograms at 416 px).
+        image_size: per backbone input side (the thesis: 416 for both).
+        epochs, fine_tune_epochs, patience: training lengths.
+        weights: ``imagenet`` (the thesis), ``auto`` (imagenet when obtainable) or ``none``.
+        mc_passes: MC Dropout passes (thesis: 100).
+        tune_trials, tune_epochs: the Bayesian search (0 trials skips it).
+        protocols: split protocols to run.
+    """
+
+    name: str
+    synth_normal: int = 105
+    synth_abnormal: int = 41
+    synth_size: int = 416
+    image_size: tuple = (("vgg16", 416), ("inceptionv3", 416))
+    epochs: int = 30
+    fine_tune_epochs: int = 30
+    patience: int = 10
+    weights: str = "imagenet"
+    mc_passes: int = 100
+    tune_trials: int = 20
+    tune_epochs: int = 10
+    protocols: tuple = ("thesis", "grouped")
+    experiments: tuple = tuple(e.name for e in THESIS_EXPERIMENTS)
+
+    def size_for(self, backbone):
+        return dict(self.image_size).get(backbone, max(dict(self.image_size).values()))
+
+
+PRESETS = {
+    # The published setting: a GPU run.
+    "thesis": Preset("thesis"),
+    # Minutes on a laptop CPU: small inputs, few epochs, ImageNet weights when obtainable.
+    "quick": Preset("quick", synth_size=160, image_size=(("vgg16", 64), ("inceptionv3", 75)),
+                    epochs=12, fine_tune_epochs=6, patience=4, weights="auto", mc_passes=100,
+                    tune_trials=6, tune_epochs=4),
+    # Seconds: for tests of the pipeline itself, not of the method.
+    "tiny": Preset("tiny", synth_normal=16, synth_abnormal=12, synth_size=96,
+                   image_size=(("vgg16", 32), ("inceptionv3", 75)), epochs=1, fine_tune_epochs=1,
+                   patience=1, weights="none", mc_passes=10, tune_trials=2, tune_epochs=1),
+}
+
+
+def get_preset(name):
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KaryoError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})") from None
+
+
+def run_dir(out, protocol, name):
+    return Path(out) / "runs" / protocol / name
+
+
+def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=None,
+              protocols=None, tune=True, verbose=0, log=print):
+    """Run the thesis' experiments and write ``out/report.md`` (and ``report.html``).
+
+    Args:
+        out: output folder (created; reused on a rerun, finished runs are skipped).
+        preset: ``quick``, ``thesis`` or ``tiny`` (see :data:`PRESETS`).
+        data: a karyogram manifest; ``None`` renders the synthetic alpha-dataset.
+        seed: seeds data, splits, augmentation, weights and dropout.
+        experiments, protocols: subsets (default: the seven Table 5.1 rows, both protocols).
+        tune: run the Bayesian search first (thesis 3.2).
+
+    Returns:
+        path of ``report.md``.
+    """
+
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if experiments:
+        p = replace(p, experiments=tuple(experiments))
+    if protocols:
+        p = replace(p, protocols=tuple(protocols))
+    for name in p.experiments:
+        get_experiment(name)  # unknown names fail before any work
+
+    for protocol in p.protocols:
+        if protocol not in PROTOCOLS:
+            raise KaryoError(f"unknown split protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise KaryoError(f"{out}: exists and is not a folder; choose another --out")
+    if data:
+
+        # So does bad data: every row (labels, both classes, files, sha256, decoding) and the
+        # splits the runs will draw are checked before the output folder is made.
+        manifest = check_manifest(read_manifest(data, root), KARYOGRAM_LABELS, progress=verbose > 0)
+        for protocol in p.protocols:
+            if protocol == "grouped" or not all(get_experiment(n).augmented for n in p.experiments):
+                split_rows(manifest.rows, protocol, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    manifest = Path(data) if data else _synthetic_data(out, p, seed, log)
+
+    if tune and p.tune_trials > 0:
+        _tune(out, p, manifest, root, seed, log)
+
+    cache = out / "cache"
+    for protocol in p.protocols:
+        for name in p.experiments:
+            target = run_dir(out, protocol, name)
+            if is_complete(target):
+                log(f"[{protocol}] {name}: finished earlier, skipped")
+                continue
+            exp = get_experiment(name)
+            exp = replace(exp, image_size=p.size_for(exp.backbone), epochs=p.epochs,
+                          fine_tune_epochs=p.fine_tune_epochs, patience=p.patience,
+                          weights=p.weights, mc_passes=p.mc_passes)
+            t0 = time.time()
+            log(f"[{protocol}] {name}: training ({exp.backbone} {exp.image_size} px)")
+            train_experiment(exp, manifest, target, protocol=protocol, seed=seed,
+                             resume=target.exists(), root=root, cache_dir=cache,
+                             data_dir=out / "data" / "prepared", verbose=verbose, progress=verbose > 0)
+            log(f"[{protocol}] {name}: done in {time.time() - t0:.0f} s")
+    report = write_report(out, preset=asdict(p), seconds=time.time() - started)
+    log(f"wrote {report} ({time.time() - started:.0f} s)")
+    return report
+
+
+def _synthetic_data(out, p, seed, log):
+
+    folder = out / "data" / "synthetic"
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        log(f"rendering the synthetic alpha-dataset: {p.synth_normal} normal + {p.synth_abnormal} "
+            f"abnormal karyograms at {p.synth_size} px")
+        synthesize(folder, normal=p.synth_normal, abnormal=p.synth_abnormal, size=p.synth_size,
+                   seed=seed, progress=False)
+    return manifest
+
+
+def _tune(out, p, manifest, root, seed, log):
+    folder = out / "tuning"
+    if (folder / "best.json").is_file():
+        log("Bayesian search: finished earlier, skipped")
+        return
+    log(f"Bayesian search over learning rate and batch size: {p.tune_trials} trials")
+    tune(manifest, folder, backbone="vgg16", max_trials=p.tune_trials, epochs=p.tune_epochs,
+         image_size=p.size_for("vgg16"), weights=p.weights, seed=seed, root=root,
+         cache_dir=out / "cache", data_dir=out / "data" / "prepared", verbose=0)

@@ -1,0 +1,32 @@
+"""Karyograms: karyotypes, the standard layout, synthetic rendering and assembly from crops.
+
+What a karyogram is made of: the ISCN karyotypes karyo knows (:mod:`.karyotype`), the layout of
+the 24 slots (:mod:`.layout`), synthetic G- and Q-banded karyograms (:mod:`.synth`) and real
+karyograms assembled from a cell's chromosome crops (:mod:`.assemble`).
+
+Names are imported lazily (PEP 562, through ``lazy_loader``): importing the package is cheap,
+and TensorFlow is imported only by the modules that need it, when they are first used.
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=['assemble', 'karyotype', 'layout', 'synth'],
+    submod_attrs={
+        'assemble': [
+            'slot_of', 'read_cells', 'cell_crops', 'load_crop', 'is_dark_field', 'trim', 'upright', 'assemble_cell',
+            'assemble_cells', 'pad_square', 'chromosome_manifest',
+        ],
+        'karyotype': [
+            'Band', 'Segment', 'Chromosome', 'Karyotype', 'whole', 'make_karyotype', 'get', 'list_karyotypes',
+            'for_abnormality', 'counts', 'cytobands', 'point', 'segment_bands', 'chromosome_bands',
+            'chromosome_length', 'centromere_position',
+        ],
+        'layout': [
+            'Arrangement', 'gap', 'slot_boxes', 'number_boxes', 'draw_numbers', 'fit_scale', 'arrange_karyogram',
+            'background_level',
+        ],
+        'synth': ['render_chromosome', 'render_karyogram', 'plan_dataset', 'synthesize'],
+    },
+)

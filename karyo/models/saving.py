@@ -1,0 +1,29 @@
+"""Loading saved karyo models with Keras' safe mode."""
+
+import zipfile
+from pathlib import Path
+
+import keras
+
+from karyo.errors import KaryoError
+from karyo.models import layers  # noqa: F401  (registers karyo's layers with Keras)
+
+
+def load_model(path, compile=False):
+    """Load a saved karyo model (``model.keras``) with Keras' safe mode on.
+
+    Raises:
+        KaryoError: the file is missing or is not a loadable Keras model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KaryoError(f"{path}: model file not found")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        # Keras would say "File not found", which sends the user looking in the wrong place.
+        raise KaryoError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is "
+                         "damaged or something else)")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=compile)
+    except Exception as exc:  # Keras raises ValueError / OSError / zipfile errors here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KaryoError(f"{path}: cannot load the model ({first})") from None
