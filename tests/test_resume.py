@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-import karyo.experiments.training as training
+import karyo.experiments.fit as fit
 from karyo.cli import main
 from karyo.models.network import build_head
 from tests.test_training import _karyograms
@@ -63,11 +63,11 @@ def _fit(phase_dir, interrupt=None, monkeypatch=None, epochs=12, patience=2):
         return build_head(16, 8, seed=0)
 
     def fit(model):
-        return training.fit_part(model, *data, epochs, 8, 1e-2, phase_dir, phase_dir.parent / "logs",
-                                 patience, 0, verbose=0)
+        return fit.fit_part(model, *data, epochs, 8, 1e-2, phase_dir, phase_dir.parent / "logs",
+                            patience, 0, verbose=0)
 
     if interrupt is not None:
-        real = training._callbacks
+        real = fit.phase_callbacks
 
         def with_interrupt(*args, **kwargs):
             callbacks = real(*args, **kwargs)
@@ -78,10 +78,10 @@ def _fit(phase_dir, interrupt=None, monkeypatch=None, epochs=12, patience=2):
             callbacks.insert(at[interrupt[1]], stop)
             return callbacks
 
-        monkeypatch.setattr(training, "_callbacks", with_interrupt)
+        monkeypatch.setattr(fit, "phase_callbacks", with_interrupt)
         with pytest.raises(_Interrupted):
             fit(head())
-        monkeypatch.setattr(training, "_callbacks", real)
+        monkeypatch.setattr(fit, "phase_callbacks", real)
         assert not (phase_dir / "done.weights.h5").exists()
     model = head()
     history = fit(model)
@@ -130,14 +130,14 @@ def test_the_backup_holds_the_optimizer_state_and_the_callbacks_state(tmp_path, 
     import h5py
 
     phase = tmp_path / "phase-head"
-    real = training._callbacks
-    monkeypatch.setattr(training, "_callbacks",
+    real = fit.phase_callbacks
+    monkeypatch.setattr(fit, "phase_callbacks",
                         lambda *a, **kw: real(*a, **kw) + [_Interrupt(2, "epoch_begin")])
     with pytest.raises(_Interrupted):
         keras.utils.set_random_seed(0)
-        training.fit_part(build_head(16, 8, seed=0), *_phase_data(), 12, 8, 1e-2, phase,
-                          tmp_path / "logs", 2, 0, verbose=0)
-    state = training.read_backup_state(phase / "backup")
+        fit.fit_part(build_head(16, 8, seed=0), *_phase_data(), 12, 8, 1e-2, phase,
+                     tmp_path / "logs", 2, 0, verbose=0)
+    state = fit.read_backup_state(phase / "backup")
     assert state["epoch"] == 2 and state["weights"] == "epoch2.weights.h5" and not state["stopped"]
     assert set(state["callbacks"]) == {"early_stopping", "checkpoint"}
     assert state["callbacks"]["early_stopping"]["best"] == state["callbacks"]["checkpoint"]["best"]
@@ -166,11 +166,11 @@ def test_each_epoch_draws_its_order_and_masks_from_the_seed_and_epoch_alone():
                              for v in b.numpy().ravel()]]  # another seed, another order
 
     model = build_head(4, 4, seed=0)
-    generators = training.seed_generators(model)
+    generators = fit.seed_generators(model)
     assert len(generators) == 2  # the two MC Dropout layers
     states = {}
     for first in (5, 4):
-        seeding = training.epoch_seeding(3, "phase-head", first_epoch=first)
+        seeding = fit.epoch_seeding(3, "phase-head", first_epoch=first)
         seeding.set_model(model)
         for epoch in range(first, 7):
             seeding.on_epoch_begin(epoch)
@@ -180,7 +180,7 @@ def test_each_epoch_draws_its_order_and_masks_from_the_seed_and_epoch_alone():
         with pytest.raises(RuntimeError, match="training data is at epoch 7"):
             seeding.on_epoch_begin(8)
     assert states[5][0] == states[5][1] and states[6][0] == states[6][1] != states[5][0]
-    other = training.epoch_seeding(3, "phase-fine_tune")
+    other = fit.epoch_seeding(3, "phase-fine_tune")
     assert other.data_seed != seeding.data_seed  # another phase, another stream
 
 

@@ -59,7 +59,7 @@ from karyo.data.imageio import resize
 from karyo.data.manifest import read_manifest
 from karyo.data.pipeline import load_images, make_dataset
 from karyo.errors import KaryoError
-from karyo.experiments.training import _compile
+from karyo.experiments.fit import compile_model
 from karyo.karyograms.synth import synthesize
 from karyo.models.features import cached_features
 from karyo.models.network import build_backbone, build_head, build_model, split_model
@@ -489,8 +489,8 @@ def bench_head_training(cfg, images, folder):
                     batch_size=32, progress=False)
     reread = time.perf_counter() - start
 
-    _compile(model, 1e-3)
-    _compile(head, 1e-3)
+    compile_model(model, 1e-3)
+    compile_model(head, 1e-3)
     times = _alternate({
         "head": _one_epoch(head, make_dataset(features, y, batch, shuffle=True)),
         "end_to_end": _one_epoch(model, make_dataset(x.astype(np.float32), y, batch, shuffle=True)),
@@ -508,7 +508,7 @@ def bench_head_training(cfg, images, folder):
         # Epochs after which caching has paid for its extraction pass.
         "break_even_epochs": extraction / max(e2e_epoch - head_epoch, 1e-9),
         "method": "Keras fit, one epoch per call (training epoch, no validation), Adam and the "
-                  "thesis' metrics (karyo.experiments.training._compile), karyo.data.pipeline.make_dataset; "
+                  "thesis' metrics (karyo.experiments.fit.compile_model), karyo.data.pipeline.make_dataset; "
                   "extraction = karyo.models.features.cached_features into an empty cache",
     }
 
@@ -529,8 +529,8 @@ def bench_unfreeze_last_block(cfg, images, folder):
     cached = cached_features(frozen, x, [cfg["backbone"], "bench", cfg["size"], "unfreeze1"],
                              cache_dir, batch_size=32, progress=False)
     extraction = time.perf_counter() - start
-    _compile(model, FINE_TUNE_LEARNING_RATE)
-    _compile(rest, FINE_TUNE_LEARNING_RATE)
+    compile_model(model, FINE_TUNE_LEARNING_RATE)
+    compile_model(rest, FINE_TUNE_LEARNING_RATE)
     times = _alternate({
         "cached": _one_epoch(rest, make_dataset(cached, y, batch, shuffle=True)),
         "full": _one_epoch(model, make_dataset(x.astype(np.float32), y, batch, shuffle=True)),
@@ -554,7 +554,7 @@ def _tuner_trial(build, x, y, x_val, y_val, epochs, directory, project):
 
     class OneTrial(kt.HyperModel):
         def build(self, hp):
-            return _compile(build(), hp.Float("lr", 7e-4, 3e-2, sampling="log"))
+            return compile_model(build(), hp.Float("lr", 7e-4, 3e-2, sampling="log"))
 
         def fit(self, hp, model, *args, **kwargs):
             size = hp.Choice("batch_size", [16, 32])

@@ -7,7 +7,7 @@ intermediate task is the 24-class classification (``1``..``22``, ``X``, ``Y``) o
 is handed to the karyogram task with ``--weights FILE`` (``karyo.models.weights.resolve_weights``
 copies its backbone).
 
-Training reuses the karyogram task's pieces (``karyo.experiments.training.fit_part``): the head trains on
+Training is the karyogram task's two-phase fit (``karyo.experiments.fit.two_phase_fit``): the head trains on
 cached features of the frozen backbone, then, if asked, the last ``unfreeze`` blocks (or all of
 them) are fine-tuned. Early stopping follows validation accuracy, since Keras' AUC does not take
 sparse 24-class labels. The split is by case (``group``): no patient's chromosomes are on both
@@ -30,11 +30,10 @@ from karyo.data.pipeline import label_indices, load_images
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
 from karyo.experiments import figures
-from karyo.experiments.training import write_history, default_cache_dir, environment, fit_part
+from karyo.experiments.fit import FitConfig, two_phase_fit, write_history
+from karyo.experiments.training import default_cache_dir, environment
 from karyo.models.backbones import check_image_size
-from karyo.models.features import cached_features
-from karyo.models.network import backbone_blocks, build_model, n_blocks_arg, split_model
-from karyo.models.unfreeze import unfreeze_blocks
+from karyo.models.network import backbone_blocks, build_model, n_blocks_arg
 from karyo.models.weights import resolve_weights, weights_identity
 from karyo.uncertainty.mc_dropout import mc_predict
 
@@ -152,30 +151,12 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
     model = build_model(backbone, image_size, weights=weights_arg, n_outputs=len(CHROMOSOME_LABELS),
                         seed=seed)
     key = [backbone, weights_identity(weights_used, weights_arg, seed), image_size, "chromosomes"]
-    frozen, head = split_model(model, 0)
-    feats = {p: cached_features(frozen, images[p], key + ["pooled"], cache_dir, progress=progress)
-             for p in ("train", "val")}
-    history = [dict(r, phase="head") for r in fit_part(
-        head, feats["train"], labels["train"], feats["val"], labels["val"], epochs, batch_size, lr,
-        out / "phase-head", out / "logs" / "head", patience, seed, verbose=verbose,
-        monitor="val_accuracy")]
-    n_unfrozen = n_blocks_arg(unfreeze, len(backbone_blocks(model)))
     fine_tune_epochs = epochs if fine_tune_epochs is None else int(fine_tune_epochs)
-    if n_unfrozen > 0 and fine_tune_epochs > 0:
-        unfreeze_blocks(model, unfreeze)
-        frozen, rest = split_model(model, unfreeze)
-        if frozen is None:
-            t_train, t_val = images["train"].astype("float32"), images["val"].astype("float32")
-            rest = model
-        else:
-            k = key + [f"unfreeze{unfreeze}"]
-            t_train = cached_features(frozen, images["train"], k, cache_dir, progress=progress)
-            t_val = cached_features(frozen, images["val"], k, cache_dir, progress=progress)
-        offset = len(history)
-        fine = fit_part(rest, t_train, labels["train"], t_val, labels["val"], fine_tune_epochs,
-                        batch_size, fine_tune_lr, out / "phase-fine_tune", out / "logs" / "fine_tune",
-                        patience, seed, verbose=verbose, monitor="val_accuracy")
-        history += [dict(r, phase="fine_tune", epoch=str(int(r["epoch"]) + offset)) for r in fine]
+    n_blocks_arg(unfreeze, len(backbone_blocks(model)))  # a bad depth fails before training
+    config = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, unfreeze=unfreeze,
+                       fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, patience=patience,
+                       seed=seed, monitor="val_accuracy", verbose=verbose, progress=progress)
+    history = two_phase_fit(model, images, labels, config, out, cache_dir, key)
     with atomic_path(out / "model.keras") as tmp:
         model.save(tmp)
     write_history(out / "history.csv", history)

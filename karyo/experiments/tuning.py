@@ -93,7 +93,8 @@ from karyo.data.pipeline import label_indices, load_images, make_dataset, steps_
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
 from karyo.experiments.figures import plot_tuning_scatter
-from karyo.experiments.training import default_cache_dir, epoch_seeding, prepare_data
+from karyo.experiments.fit import epoch_seeding
+from karyo.experiments.training import default_cache_dir, prepare_data
 from karyo.models.backbones import check_image_size, get_backbone
 from karyo.models.features import cached_features
 from karyo.models.network import (build_backbone, build_head, build_model, DEFAULT_DENSE_UNITS, DEFAULT_DROPOUT,
@@ -185,7 +186,7 @@ def _fit_phase(model, x_train, y_train, x_val, y_val, lr, batch_size, epochs, se
     """Fit ``model`` for ``epochs``; return its best epoch's metrics (lowest validation loss).
 
     Each epoch's order and dropout masks are drawn from (seed, ``stream``, epoch) alone
-    (``karyo.experiments.training.epoch_seeding``): a trial run again after a kill scores the same."""
+    (``karyo.experiments.fit.epoch_seeding``): a trial run again after a kill scores the same."""
     from keras_tuner.errors import FailedTrialError
 
     _compile_trial(model, lr)
