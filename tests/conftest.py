@@ -3,8 +3,9 @@
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.common import blob_image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -18,18 +19,6 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
-
-
-def blob_image(seed, size=48, abnormal=False):
-    """A gray 'karyogram-like' image: dark bars on white; abnormal ones have an extra bar."""
-    rng = np.random.default_rng(seed)
-    image = np.full((size, size), 255, np.uint8)
-    n = 4 + int(abnormal)
-    for k in range(n):
-        x = 3 + k * (size - 6) // n
-        h = int(rng.integers(size // 3, size - 8))
-        image[4:4 + h, x:x + 3] = rng.integers(0, 90)
-    return image
 
 
 @pytest.fixture

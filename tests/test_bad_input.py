@@ -42,7 +42,7 @@ from karyo.cli import main
 from karyo.errors import ImageError
 from karyo.data.imageio import MAX_PIXELS, declared_size, decode_image
 from karyo.data.manifest import read_manifest, write_manifest
-from tests.conftest import blob_image as karyogram
+from tests.common import blob_image as karyogram
 
 #: A 300-megapixel PNG of zeros (20000 x 15000): 0.3 MB on disk, 900 MB once decoded to RGB.
 BOMB_SIZE = (20_000, 15_000)

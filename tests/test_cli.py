@@ -37,3 +37,32 @@ def test_a_closed_pipe_is_not_an_error():
         os.close(write_end)
     assert result.stderr == "", result.stderr
     assert result.returncode == 141
+
+
+def _commands(parser):
+    """Every command line a user can ask --help of: ``list``, ``data synth``, ..."""
+    import argparse
+
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.append([name])
+                found += [[name, *rest] for rest in _commands(sub)]
+    return found
+
+
+def test_every_command_explains_itself(capsys):
+    import pytest
+
+    from karyo.cli import build_parser, main
+
+    commands = _commands(build_parser())
+    assert ["train"] in commands and ["data", "synth"] in commands and ["reproduce"] in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0, command
+        out = capsys.readouterr().out
+        assert out.startswith("usage: karyo " + " ".join(command)), command
+        assert len(out.splitlines()) > 3, command  # more than a usage line: a description

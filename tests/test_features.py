@@ -8,6 +8,7 @@ keras = pytest.importorskip("keras")
 from karyo.models import features as features_module  # noqa: E402
 from karyo.errors import KaryoError  # noqa: E402
 from karyo.models.features import cache_key, cached_features, image_digest  # noqa: E402
+from tests.common import random_images  # noqa: E402
 
 KEY = ["tiny", "none:seed=0", 16, "pooled"]
 
@@ -16,10 +17,6 @@ def tiny_model(seed=0):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3),
                              keras.layers.GlobalAveragePooling2D()])
-
-
-def images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3)).astype(np.uint8)
 
 
 @pytest.fixture
@@ -39,7 +36,7 @@ def counted(monkeypatch):
 
 def test_computes_once_and_reuses_per_image(counted, tmp_path):
     model, calls = counted
-    x = images(5)
+    x = random_images(5, 16)
     first = cached_features(model, x, KEY, tmp_path, batch_size=2, progress=False)
     assert calls == [2, 2, 1]
     np.testing.assert_allclose(first, model(x.astype("float32")).numpy(), rtol=1e-6)
@@ -49,7 +46,7 @@ def test_computes_once_and_reuses_per_image(counted, tmp_path):
     again = cached_features(model, x, KEY, tmp_path, progress=False)
     assert calls == [] and np.array_equal(again, first)
 
-    more = np.concatenate([x[:3], images(2, seed=1), x[3:]])  # two new images among old ones
+    more = np.concatenate([x[:3], random_images(2, 16, seed=1), x[3:]])  # two new images among old ones
     grown = cached_features(model, more, KEY, tmp_path, progress=False)
     assert calls == [2]
     np.testing.assert_allclose(grown, model(more.astype("float32")).numpy(), rtol=1e-6)
@@ -62,14 +59,14 @@ def test_computes_once_and_reuses_per_image(counted, tmp_path):
 
 def test_duplicates_are_computed_once(counted, tmp_path):
     model, calls = counted
-    x = images(3)
+    x = random_images(3, 16)
     out = cached_features(model, np.concatenate([x, x[:1]]), KEY, tmp_path, progress=False)
     assert calls == [3] and np.array_equal(out[0], out[3])
 
 
 def test_key_separates_parts_and_networks(tmp_path):
     model = tiny_model(0)
-    x = images(2)
+    x = random_images(2, 16)
     k1, description = cache_key(model, KEY)
     assert cache_key(model, KEY)[0] == k1
     assert cache_key(model, KEY[:-1] + ["unfreeze1"])[0] != k1
@@ -93,7 +90,7 @@ def test_seeded_backbones_share_a_key_unseeded_ones_do_not():
 
 def test_damaged_entries_are_recomputed(counted, tmp_path):
     model, calls = counted
-    x = images(2)
+    x = random_images(2, 16)
     good = cached_features(model, x, KEY, tmp_path, progress=False)
     entry = next(tmp_path.iterdir()) / f"{image_digest(x[1])}.npy"
     entry.write_bytes(entry.read_bytes()[:20])  # truncated by a crash of another program
@@ -105,7 +102,7 @@ def test_damaged_entries_are_recomputed(counted, tmp_path):
 
 def test_a_failed_write_leaves_only_whole_files(counted, tmp_path, monkeypatch):
     model, _ = counted
-    x = images(3)
+    x = random_images(3, 16)
     real = features_module.atomic_write_bytes
     written = []
 
@@ -134,14 +131,14 @@ def test_bad_input_is_refused(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache folder should be")
     with pytest.raises(KaryoError, match="feature cache"):
-        cached_features(model, images(1), KEY, blocked / "cache", progress=False)
+        cached_features(model, random_images(1, 16), KEY, blocked / "cache", progress=False)
 
 
 def test_two_workers_filling_one_cache(tmp_path):
     """keras-tuner workers share a cache: concurrent writers leave whole, equal files."""
     import threading
 
-    x = images(12)
+    x = random_images(12, 16)
     models = [tiny_model(0), tiny_model(0)]  # the same network in two workers: the same key
     results, errors = [None, None], []
 

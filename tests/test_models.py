@@ -238,3 +238,38 @@ def test_a_model_carrying_python_code_is_refused(tmp_path):
             load()
         message = str(err.value)
         assert "\n" not in message and str(path) in message and "safe_mode" in message
+
+
+def test_keras_own_loader_reads_a_karyo_model_after_import_karyo(tmp_path):
+    """``import karyo`` registers karyo's layers once Keras is imported, in either import order;
+    without it, Keras cannot read the model (so the check can fail)."""
+    path = tmp_path / "model.keras"
+    build_model("vgg16", 32, seed=1).save(path)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    load = f"keras.saving.load_model({str(path)!r}); print('loaded')"
+    for script, works in ((f"import karyo, keras; {load}", True), (f"import keras, karyo; {load}", True),
+                          (f"import keras; {load}", False)):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert (done.returncode == 0 and done.stdout.strip() == "loaded") == works, (script, done.stderr[-2000:])
+
+
+def test_a_model_naming_an_unregistered_layer_is_one_line(tmp_path):
+    import zipfile
+
+    from karyo.models.saving import load_model
+
+    path = tmp_path / "model.keras"
+    build_model("vgg16", 32, seed=1).save(path)
+    renamed = tmp_path / "renamed.keras"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(renamed, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                data = data.replace(b"karyo>Preprocess", b"karyo>Preprocess2")
+                data = data.replace(b'"Preprocess"', b'"Preprocess2"')
+            target.writestr(item, data)
+    with pytest.raises(KaryoError) as err:
+        load_model(renamed)
+    message = str(err.value)
+    assert "\n" not in message and "Preprocess2" in message and "import" in message

@@ -3,7 +3,6 @@ the work was killed and rerun (``karyo tune``, ``karyo reproduce``; ``karyo trai
 tests/test_resume.py). Equality is exact: the documented tolerance on CPU is zero."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,22 +13,14 @@ import pytest
 
 from karyo.experiments.registry import get_experiment
 from karyo.experiments.training import train_experiment
-from tests.test_training import _karyograms
+from tests.common import TINY_TUNE, subprocess_env, trial_json, write_karyograms
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="3")
-    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
-        env.pop(name, None)
-    return env
-
-
 def _kill_when(script, ready, timeout=240):
     """Run ``script`` in a fresh Python; SIGKILL it as soon as ``ready()`` is true."""
-    process = subprocess.Popen([sys.executable, "-c", script], env=_env(),
+    process = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
@@ -53,13 +44,13 @@ TRAIN = dict(image_size=32, weights="none", epochs=4, fine_tune_epochs=2, batch_
 
 @pytest.mark.slow
 def test_a_run_in_a_busy_process_equals_the_same_run_in_a_fresh_one(tmp_path):
-    manifest = _karyograms(tmp_path / "data")
+    manifest = write_karyograms(tmp_path / "data")
     fresh = tmp_path / "fresh"
     script = ("from karyo.experiments.registry import get_experiment; "
               "from karyo.experiments.training import train_experiment; "
               f"train_experiment(get_experiment('vgg16_unfreeze1', **{TRAIN!r}), {str(manifest)!r}, "
               f"{str(fresh)!r}, cache_dir={str(tmp_path / 'fresh-cache')!r}, verbose=0, progress=False)")
-    done = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -88,10 +79,9 @@ def _trials_without_timing(out):
 @pytest.mark.slow
 def test_a_killed_search_rerun_equals_an_uninterrupted_one(tmp_path):
     from karyo.experiments.tuning import tune
-    from tests.test_tuning import TINY, _trial_json
 
-    manifest = _karyograms(tmp_path / "data", normal=15, abnormal=10)
-    settings = dict(TINY, max_trials=8, seed=1, cache_dir=str(tmp_path / "cache"))
+    manifest = write_karyograms(tmp_path / "data", normal=15, abnormal=10)
+    settings = dict(TINY_TUNE, max_trials=8, seed=1, cache_dir=str(tmp_path / "cache"))
     whole = tmp_path / "whole"
     best = tune(manifest, whole, **settings)
 
@@ -99,13 +89,13 @@ def test_a_killed_search_rerun_equals_an_uninterrupted_one(tmp_path):
     # hyperparameters): killed in trial 6, the rerun runs 6 again and asks the process for 7.
     killed = tmp_path / "killed"
     script = f"from karyo.experiments.tuning import tune; tune({str(manifest)!r}, {str(killed)!r}, **{settings!r})"
-    _kill_when(script, lambda: _trial_json(killed, 6).is_file())
-    assert json.loads(_trial_json(killed, 6).read_text())["status"] == "RUNNING"
+    _kill_when(script, lambda: trial_json(killed, 6).is_file())
+    assert json.loads(trial_json(killed, 6).read_text())["status"] == "RUNNING"
     assert not (killed / "best.json").exists()
-    finished = {k: _trial_json(killed, k).read_bytes() for k in range(6)}
+    finished = {k: trial_json(killed, k).read_bytes() for k in range(6)}
 
     assert tune(manifest, killed, **settings)["trial_id"] == best["trial_id"]
-    assert {k: _trial_json(killed, k).read_bytes() for k in range(6)} == finished  # not redone
+    assert {k: trial_json(killed, k).read_bytes() for k in range(6)} == finished  # not redone
     rows = _trials_without_timing(killed)
     assert [r["status"] for r in rows] == ["completed"] * 8
     assert rows == _trials_without_timing(whole)

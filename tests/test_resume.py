@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pytest
 
-import karyo.experiments.fit as fit
+import karyo.experiments.fit as fitting
 from karyo.cli import main
 from karyo.models.network import build_head
-from tests.test_training import _karyograms
+from tests.common import write_karyograms
 
 # ------------------------------------------------------------------ one phase, interrupted in-process
 
@@ -63,11 +63,11 @@ def _fit(phase_dir, interrupt=None, monkeypatch=None, epochs=12, patience=2):
         return build_head(16, 8, seed=0)
 
     def fit(model):
-        return fit.fit_part(model, *data, epochs, 8, 1e-2, phase_dir, phase_dir.parent / "logs",
-                            patience, 0, verbose=0)
+        return fitting.fit_part(model, *data, epochs, 8, 1e-2, phase_dir, phase_dir.parent / "logs",
+                                patience, 0, verbose=0)
 
     if interrupt is not None:
-        real = fit.phase_callbacks
+        real = fitting.phase_callbacks
 
         def with_interrupt(*args, **kwargs):
             callbacks = real(*args, **kwargs)
@@ -78,10 +78,10 @@ def _fit(phase_dir, interrupt=None, monkeypatch=None, epochs=12, patience=2):
             callbacks.insert(at[interrupt[1]], stop)
             return callbacks
 
-        monkeypatch.setattr(fit, "phase_callbacks", with_interrupt)
+        monkeypatch.setattr(fitting, "phase_callbacks", with_interrupt)
         with pytest.raises(_Interrupted):
             fit(head())
-        monkeypatch.setattr(fit, "phase_callbacks", real)
+        monkeypatch.setattr(fitting, "phase_callbacks", real)
         assert not (phase_dir / "done.weights.h5").exists()
     model = head()
     history = fit(model)
@@ -130,14 +130,14 @@ def test_the_backup_holds_the_optimizer_state_and_the_callbacks_state(tmp_path, 
     import h5py
 
     phase = tmp_path / "phase-head"
-    real = fit.phase_callbacks
-    monkeypatch.setattr(fit, "phase_callbacks",
+    real = fitting.phase_callbacks
+    monkeypatch.setattr(fitting, "phase_callbacks",
                         lambda *a, **kw: real(*a, **kw) + [_Interrupt(2, "epoch_begin")])
     with pytest.raises(_Interrupted):
         keras.utils.set_random_seed(0)
-        fit.fit_part(build_head(16, 8, seed=0), *_phase_data(), 12, 8, 1e-2, phase,
-                     tmp_path / "logs", 2, 0, verbose=0)
-    state = fit.read_backup_state(phase / "backup")
+        fitting.fit_part(build_head(16, 8, seed=0), *_phase_data(), 12, 8, 1e-2, phase,
+                         tmp_path / "logs", 2, 0, verbose=0)
+    state = fitting.read_backup_state(phase / "backup")
     assert state["epoch"] == 2 and state["weights"] == "epoch2.weights.h5" and not state["stopped"]
     assert set(state["callbacks"]) == {"early_stopping", "checkpoint"}
     assert state["callbacks"]["early_stopping"]["best"] == state["callbacks"]["checkpoint"]["best"]
@@ -166,11 +166,11 @@ def test_each_epoch_draws_its_order_and_masks_from_the_seed_and_epoch_alone():
                              for v in b.numpy().ravel()]]  # another seed, another order
 
     model = build_head(4, 4, seed=0)
-    generators = fit.seed_generators(model)
+    generators = fitting.seed_generators(model)
     assert len(generators) == 2  # the two MC Dropout layers
     states = {}
     for first in (5, 4):
-        seeding = fit.epoch_seeding(3, "phase-head", first_epoch=first)
+        seeding = fitting.epoch_seeding(3, "phase-head", first_epoch=first)
         seeding.set_model(model)
         for epoch in range(first, 7):
             seeding.on_epoch_begin(epoch)
@@ -180,7 +180,7 @@ def test_each_epoch_draws_its_order_and_masks_from_the_seed_and_epoch_alone():
         with pytest.raises(RuntimeError, match="training data is at epoch 7"):
             seeding.on_epoch_begin(8)
     assert states[5][0] == states[5][1] and states[6][0] == states[6][1] != states[5][0]
-    other = fit.epoch_seeding(3, "phase-fine_tune")
+    other = fitting.epoch_seeding(3, "phase-fine_tune")
     assert other.data_seed != seeding.data_seed  # another phase, another stream
 
 
@@ -215,7 +215,7 @@ def _same_run(a, b):
 
 @pytest.mark.slow
 def test_train_killed_in_each_phase_then_resumed_gives_the_uninterrupted_result(tmp_path):
-    manifest = _karyograms(tmp_path / "data")
+    manifest = write_karyograms(tmp_path / "data")
     args = ["train", "vgg16_unfreeze1", "--data", str(manifest), "--image-size", "32",
             "--weights", "none", "--epochs", "30", "--batch-size", "4", "--mc", "10",
             "--cache", str(tmp_path / "cache")]

@@ -13,6 +13,7 @@ from karyo.uncertainty.metrics import metrics_from_predictions
 from karyo.experiments.registry import get_experiment
 from karyo.data.manifest import import_folder, read_manifest, write_manifest
 from karyo.experiments.training import train_experiment
+from tests.common import write_karyograms
 
 RUN_FILES = ("config.json", "split.csv", "history.csv", "model.keras", "predictions.csv",
              "metrics.json", "wrong_predictions.csv", "wrong_predictions.md")
@@ -20,26 +21,9 @@ FIGURES = ("training_curves.png", "confusion_matrix.png", "roc.png", "reliabilit
            "risk_coverage.png", "confidence_histogram.png")
 
 
-def _karyograms(root, normal=18, abnormal=12, size=80):
-    """Bars on white; abnormal karyograms carry a third bar in the '21' slot."""
-    for label, count in (("normal", normal), ("abnormal", abnormal)):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            rng = np.random.default_rng(1000 * (label == "abnormal") + i)
-            image = np.full((size, size), 255, np.uint8)
-            for slot in range(6):
-                x = 6 + slot * 12
-                bars = 3 if (label == "abnormal" and slot == 4) else 2
-                for b in range(bars):
-                    h = int(rng.integers(size // 3, size - 12))
-                    image[6:6 + h, x + 4 * b:x + 4 * b + 3] = rng.integers(0, 80)
-            cv2.imwrite(str(root / label / f"k{i}.png"), image)
-    return import_folder(root, root / "manifest.csv")
-
-
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return _karyograms(tmp_path_factory.mktemp("karyograms"))
+    return write_karyograms(tmp_path_factory.mktemp("karyograms"))
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +167,7 @@ def test_deep_ensemble_pools_its_members(manifest, tmp_path, capsys):
 
 
 def test_a_corrupt_image_stops_training_and_leaves_no_run_folder(tmp_path, capsys):
-    manifest = _karyograms(tmp_path / "data", normal=9, abnormal=6)
+    manifest = write_karyograms(tmp_path / "data", normal=9, abnormal=6)
     victim = tmp_path / "data" / "normal" / "k3.png"
     victim.write_bytes(victim.read_bytes()[:40])
     write_manifest(manifest, [dict(r, sha256="") for r in read_manifest(manifest).rows])
@@ -218,7 +202,7 @@ def _with_duplicates(tmp_path, n=6):
     import shutil
 
     root = tmp_path / "data"
-    _karyograms(root)
+    write_karyograms(root)
     for i in range(n):
         shutil.copy(root / "normal" / f"k{i}.png", root / "normal" / f"copy{i}.png")
     return import_folder(root, root / "manifest.csv")

@@ -16,23 +16,11 @@ import pytest
 
 from karyo.errors import KaryoError
 from karyo.data.manifest import write_manifest
+from tests.common import TINY_TUNE as TINY, blob_image, subprocess_env, trial_json
 
 pytest.importorskip("keras_tuner")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(backbone="vgg16", image_size=32, weights="none", epochs=1, augmented=False,
-            progress=False)
-
-
-def _karyogram(seed, abnormal, size=48):
-    """Dark bars on white; an abnormal image has one bar more (a stand-in for a trisomy)."""
-    rng = np.random.default_rng(seed)
-    image = np.full((size, size), 255, np.uint8)
-    bars = 5 if abnormal else 4
-    for k in range(bars):
-        x = 3 + k * (size - 6) // bars
-        image[4:4 + int(rng.integers(size // 3, size - 8)), x:x + 3] = rng.integers(0, 90)
-    return image
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def manifest(tmp_path_factory):
     for label, count in (("normal", 15), ("abnormal", 10)):
         for i in range(count):
             path = f"{label}_{i}.png"
-            cv2.imwrite(str(root / path), _karyogram(i + 100 * (label == "abnormal"), label == "abnormal"))
+            cv2.imwrite(str(root / path), blob_image(i + 100 * (label == "abnormal"), abnormal=label == "abnormal"))
             rows.append({"path": path, "label": label, "group": f"{label}{i}"})
     write_manifest(root / "manifest.csv", rows)
     return root / "manifest.csv"
@@ -61,19 +49,6 @@ def _trials(out):
     from karyo.experiments.tuning import read_trials
 
     return read_trials(Path(out) / "trials.csv")
-
-
-def _trial_json(out, trial_id):
-    return Path(out) / "keras_tuner" / f"trial_{trial_id}" / "trial.json"
-
-
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="3")
-    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
 
 
 def _tune_script(manifest, out, cache, max_trials):
@@ -168,8 +143,8 @@ def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path
 
     out = tmp_path / "search"
     process = subprocess.Popen([sys.executable, "-c", _tune_script(manifest, out, cache, 6)],
-                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = _trial_json(out, 2)
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = trial_json(out, 2)
     try:
         deadline = time.time() + 180
         while not started.is_file() and process.poll() is None and time.time() < deadline:
@@ -182,7 +157,7 @@ def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path
     interrupted = json.loads(started.read_text())
     assert interrupted["status"] == "RUNNING"  # killed during trial 2, not after it
     assert not (out / "best.json").exists()
-    finished = {k: _trial_json(out, k).read_bytes() for k in (0, 1)}
+    finished = {k: trial_json(out, k).read_bytes() for k in (0, 1)}
 
     best = tune(manifest, out, max_trials=6, cache_dir=cache, **TINY)
 
@@ -191,8 +166,8 @@ def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path
     assert all(r["status"] == "completed" for r in rows)
     assert best["completed_trials"] == 6
     # Trials 0 and 1 were not run again; trial 2 was rerun with the values it was given.
-    assert {k: _trial_json(out, k).read_bytes() for k in (0, 1)} == finished
-    rerun = json.loads(_trial_json(out, 2).read_text())
+    assert {k: trial_json(out, k).read_bytes() for k in (0, 1)} == finished
+    rerun = json.loads(trial_json(out, 2).read_text())
     assert rerun["hyperparameters"]["values"] == interrupted["hyperparameters"]["values"]
 
 
@@ -329,8 +304,8 @@ def test_distributed_search_with_a_chief_and_two_workers(manifest, cache, tmp_pa
     processes = {}
     try:
         for tuner_id in ("chief", "tuner0", "tuner1"):
-            env = _env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=port,
-                       KERASTUNER_TUNER_ID=tuner_id)
+            env = subprocess_env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=port,
+                                 KERASTUNER_TUNER_ID=tuner_id)
             processes[tuner_id] = subprocess.Popen(
                 [sys.executable, "-c", _tune_script(manifest, out, cache, 6)], env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -374,14 +349,45 @@ def test_resume_repairs_the_state_a_kill_between_two_writes_leaves(manifest, cac
     (project / "oracle.json").write_text(json.dumps(oracle))
     # Killed after trial 3's start was written to its file, before the oracle's file: the
     # oracle does not know it. It must be run, not left unfinished.
-    started = json.loads(_trial_json(out, 2).read_text())
+    started = json.loads(trial_json(out, 2).read_text())
     started.update(trial_id="3", status="RUNNING", score=None, message=None)
-    _trial_json(out, 3).parent.mkdir()
-    _trial_json(out, 3).write_text(json.dumps(started))
-    ended = _trial_json(out, 2).read_bytes()
+    trial_json(out, 3).parent.mkdir()
+    trial_json(out, 3).write_text(json.dumps(started))
+    ended = trial_json(out, 2).read_bytes()
 
     best = tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
 
     assert [r["status"] for r in _trials(out)] == ["completed"] * 4
     assert best["completed_trials"] == 4
-    assert _trial_json(out, 2).read_bytes() == ended
+    assert trial_json(out, 2).read_bytes() == ended
+
+
+def test_train_takes_the_searched_hyperparameters_from_best_json(manifest, cache, tmp_path):
+    """The hand-off the README shows: ``karyo tune`` writes best.json, ``karyo train
+    --hyperparameters best.json`` trains with exactly those values."""
+    from karyo.cli import main
+    from karyo.experiments.tuning import tune
+
+    search = tmp_path / "search"
+    best = tune(manifest, search, max_trials=2, cache_dir=cache, seed=5, space="extended", **TINY)
+    run = tmp_path / "run"
+    code = main(["train", "vgg16_original", "--data", str(manifest), "--out", str(run), "--image-size", "32",
+                 "--weights", "none", "--epochs", "1", "--mc", "3", "--cache", str(cache),
+                 "--hyperparameters", str(search / "best.json")])
+    assert code == 0
+    used = json.loads((run / "config.json").read_text())["experiment"]
+    assert set(best["hyperparameters"]) == {"lr", "batch_size", "dropout", "unfreeze", "dense_units"}
+    for name, value in best["hyperparameters"].items():
+        assert used[name] == pytest.approx(value), name
+
+
+def test_hyperparameters_file_that_is_not_json_is_one_line(manifest, tmp_path, capsys):
+    from karyo.cli import main
+
+    bad = tmp_path / "best.json"
+    bad.write_text("{not json")
+    code = main(["train", "vgg16_original", "--data", str(manifest), "--out", str(tmp_path / "run"),
+                 "--hyperparameters", str(bad)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith(f"karyo: error: {bad}: not valid JSON")
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ as in the thesis); the single-chromosome task uses the classes ``1``..``22``, ``
 """
 
 import csv
+import functools
 import hashlib
 import io
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from karyo.atomic import atomic_write_text
 from karyo.errors import ImageError, ManifestError
 from karyo.data.imageio import decode_image, is_image_path
+from karyo.data.splits import split_rows
 
 REQUIRED_COLUMNS = ("path", "label", "group")
 OPTIONAL_COLUMNS = ("karyotype", "sha256", "split")
@@ -213,6 +215,11 @@ def verify_manifest(path, root=None, labels=None, check_images=True, progress=Fa
 def file_problem(file, root, sha256="", check_images=True):
     """The reason a manifest row's file is unusable, or None.
 
+    A file found sound is remembered for the rest of the process, keyed by its path and what
+    its inode says about it (size, modification and change times): ``karyo reproduce`` checks the
+    same manifest for each of its runs, and a file is decoded and hashed once, not 15 times. A
+    file that changes in between (rewritten, truncated, its permissions changed) is checked anew.
+
     Args:
         file: the row's file (root / path).
         root: the resolved folder the file must stay inside, also through links.
@@ -225,9 +232,20 @@ def file_problem(file, root, sha256="", check_images=True):
         return LINK_ESCAPE
     if not Path(file).is_file():
         return "is a folder, not an image" if Path(file).is_dir() else "file not found"
+    try:
+        st = Path(file).stat()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    identity = (str(Path(file).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _content_problem(identity, str(file), sha256.lower(), bool(check_images))
+
+
+@functools.lru_cache(maxsize=65536)
+def _content_problem(identity, file, sha256, check_images):
+    """:func:`file_problem`'s reading of the file's bytes, once per process and file state."""
     if sha256:
         try:
-            if sha256_file(file) != sha256.lower():
+            if sha256_file(file) != sha256:
                 return "sha256 mismatch (the file changed since the manifest was made)"
         except OSError as exc:
             return f"cannot be read ({exc.strerror or exc})"
@@ -288,6 +306,28 @@ def check_manifest(manifest, labels=KARYOGRAM_LABELS, every_class=True, check_im
             raise ManifestError(f"{source}: {row['path']}: {reason}")
         if reason:
             raise ImageError(file, reason)
+    return manifest
+
+
+def check_run_data(path, protocols=("grouped",), seed=0, augmented=True, root=None, labels=KARYOGRAM_LABELS,
+                   progress=False):
+    """Check a run's data before anything is written: the manifest, then the split it will draw.
+
+    ``karyo train``, ``tune``, ``reproduce`` and ``transfer`` call this first. Every row is
+    checked (:func:`check_manifest`); then, for each protocol whose split does not depend on the
+    augmentation (``grouped``, or any protocol on unaugmented data), the split is drawn, so that a
+    class with too few groups fails now rather than after a search.
+
+    Returns:
+        The checked :class:`Manifest`.
+
+    Raises:
+        ManifestError, ImageError, SplitError: naming the manifest, the row or the value.
+    """
+    manifest = check_manifest(read_manifest(path, root), labels, progress=progress)
+    for protocol in protocols:
+        if protocol == "grouped" or not augmented:
+            split_rows(manifest.rows, protocol, seed)
     return manifest
 
 

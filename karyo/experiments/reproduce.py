@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from karyo.data.manifest import check_manifest, KARYOGRAM_LABELS, read_manifest
-from karyo.data.splits import PROTOCOLS, split_rows
+from karyo.data.manifest import check_run_data
+from karyo.data.splits import PROTOCOLS
 from karyo.errors import KaryoError
 from karyo.experiments.registry import get_experiment, THESIS_EXPERIMENTS
 from karyo.experiments.report import write_report
@@ -116,10 +116,8 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
 
         # So does bad data: every row (labels, both classes, files, sha256, decoding) and the
         # splits the runs will draw are checked before the output folder is made.
-        manifest = check_manifest(read_manifest(data, root), KARYOGRAM_LABELS, progress=verbose > 0)
-        for protocol in p.protocols:
-            if protocol == "grouped" or not all(get_experiment(n).augmented for n in p.experiments):
-                split_rows(manifest.rows, protocol, seed)
+        check_run_data(data, p.protocols, seed, all(get_experiment(n).augmented for n in p.experiments), root,
+                       progress=verbose > 0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

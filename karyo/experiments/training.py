@@ -35,7 +35,7 @@ from karyo import __version__
 from karyo.atomic import atomic_path, atomic_write_text
 from karyo.data.augment import augment_rows, default_targets
 from karyo.data.leakage import check_leakage
-from karyo.data.manifest import check_manifest, KARYOGRAM_LABELS, read_manifest, sha256_file, write_manifest
+from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, read_manifest, sha256_file, write_manifest
 from karyo.data.pipeline import label_indices, load_images
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
@@ -211,9 +211,7 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
                          f"of {backbone.min_size} pixels")
     # Validate first, then write: every row is checked (labels, both classes, files, sha256,
     # decoding) and the split is drawn before the run folder exists.
-    manifest = check_manifest(read_manifest(data, root), KARYOGRAM_LABELS, progress=progress)
-    if protocol == "grouped" or not experiment.augmented:
-        split_rows(manifest.rows, protocol, seed)  # a class with too few groups fails here
+    manifest = check_run_data(data, (protocol,), seed, experiment.augmented, root, progress=progress)
     created = not out.exists()
     try:
         return _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from karyo.atomic import atomic_write_text
-from karyo.data.manifest import check_manifest, CHROMOSOME_LABELS, KARYOGRAM_LABELS, read_manifest
+from karyo.data.manifest import check_manifest, check_run_data, CHROMOSOME_LABELS, KARYOGRAM_LABELS, read_manifest
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
 from karyo.experiments.chromosomes import train_chromosome_classifier
@@ -133,9 +133,7 @@ def check_inputs(intermediate, target, exp, intermediate_size=32, protocol="grou
 
     check_image_size(exp.backbone, intermediate_size)
     check_image_size(exp.backbone, exp.image_size)
-    karyograms = check_manifest(read_manifest(target, target_root), KARYOGRAM_LABELS, progress=progress)
-    if protocol == "grouped" or not exp.augmented:
-        split_rows(karyograms.rows, protocol, seed)
+    check_run_data(target, (protocol,), seed, exp.augmented, target_root, progress=progress)
     check_manifest(read_manifest(intermediate, intermediate_root), CHROMOSOME_LABELS, every_class=False,
                    progress=progress)
 

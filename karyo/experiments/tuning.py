@@ -88,9 +88,8 @@ import numpy as np
 
 from karyo import thesis
 from karyo.atomic import atomic_write_text
-from karyo.data.manifest import check_manifest, KARYOGRAM_LABELS, read_manifest, sha256_file
+from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, sha256_file
 from karyo.data.pipeline import label_indices, load_images, make_dataset, steps_per_epoch
-from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
 from karyo.experiments.figures import plot_tuning_scatter
 from karyo.experiments.fit import epoch_seeding
@@ -670,10 +669,8 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     # Validate first, then write: labels, both classes, files, sha256 and decoding of every row,
     # and the split, are checked before the search folder exists.
 
-    manifest = check_manifest(read_manifest(manifest_path, root), KARYOGRAM_LABELS,
+    manifest = check_run_data(manifest_path, (protocol,), seed, augmented, root,
                               progress=progress and verbose == 0)
-    if protocol == "grouped" or not augmented:
-        split_rows(manifest.rows, protocol, seed)
     if overwrite and role != "worker" and out_dir.exists():
         _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

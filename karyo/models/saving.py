@@ -1,5 +1,6 @@
 """Loading saved karyo models with Keras' safe mode."""
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -25,5 +26,12 @@ def load_model(path, compile=False):
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=compile)
     except Exception as exc:  # Keras raises ValueError / OSError / zipfile errors here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        unknown = re.search(r"Could not locate class '([^']+)'", text)
+        if unknown:
+            # Keras' own message runs to a dozen lines; what the user needs is what to import.
+            raise KaryoError(f"{path}: the model uses the layer '{unknown.group(1)}', which no imported "
+                             f"package registers with Keras: import the package that defines it "
+                             f"(karyo's own layers are registered by 'import karyo')") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise KaryoError(f"{path}: cannot load the model ({first})") from None

@@ -1,0 +1,74 @@
+"""Helpers shared by the tests: small generated images and karyogram sets, and subprocess settings.
+
+Tests import from here (``from tests.common import ...``), never from another test module.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The smallest settings a search or a training run accepts (VGG16 at 32 px, no weights).
+TINY_TUNE = dict(backbone="vgg16", image_size=32, weights="none", epochs=1, augmented=False, progress=False)
+
+
+def random_images(n, size, seed=0):
+    """``n`` random RGB ``uint8`` images of ``size`` x ``size`` (for shapes and caching, not learning)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+def blob_image(seed, size=48, abnormal=False):
+    """A gray 'karyogram-like' image: dark bars on white; an abnormal one has an extra bar (a stand-in
+    for a trisomy)."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size), 255, np.uint8)
+    n = 4 + int(abnormal)
+    for k in range(n):
+        x = 3 + k * (size - 6) // n
+        h = int(rng.integers(size // 3, size - 8))
+        image[4:4 + h, x:x + 3] = rng.integers(0, 90)
+    return image
+
+
+def write_karyograms(root, normal=18, abnormal=12, size=80):
+    """``normal/`` and ``abnormal/`` folders of bars on white, and their manifest (one group each).
+
+    Six slots of two bars; an abnormal karyogram carries a third bar in the fifth slot, so a model
+    can learn the difference at small sizes.
+    """
+    import cv2
+
+    from karyo.data.manifest import import_folder
+
+    root = Path(root)
+    for label, count in (("normal", normal), ("abnormal", abnormal)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng(1000 * (label == "abnormal") + i)
+            image = np.full((size, size), 255, np.uint8)
+            for slot in range(6):
+                x = 6 + slot * 12
+                bars = 3 if (label == "abnormal" and slot == 4) else 2
+                for b in range(bars):
+                    h = int(rng.integers(size // 3, size - 12))
+                    image[6:6 + h, x + 4 * b:x + 4 * b + 3] = rng.integers(0, 80)
+            cv2.imwrite(str(root / label / f"k{i}.png"), image)
+    return import_folder(root, root / "manifest.csv")
+
+
+def trial_json(out, trial_id):
+    """keras-tuner's record of one trial in a search folder."""
+    return Path(out) / "keras_tuner" / f"trial_{trial_id}" / "trial.json"
+
+
+def subprocess_env(**extra):
+    """The environment for a karyo subprocess: this checkout first on the path, TensorFlow quiet,
+    no distributed-search variables inherited."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
