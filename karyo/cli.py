@@ -498,7 +498,7 @@ def cmd_reproduce(args):
     protocols = args.protocols.split(",") if args.protocols else None
     reproduce(args.out, preset=args.preset, data=args.data, root=args.root, seed=args.seed,
               experiments=experiments, protocols=protocols, tune=not args.no_tune,
-              verbose=1 if args.verbose else 0)
+              weights=args.weights, verbose=1 if args.verbose else 0)
     return 0
 
 
@@ -528,8 +528,11 @@ def add_reproduce_commands(sub):
     p.add_argument("--experiments", help="comma-separated subset of experiments (default: the seven rows)")
     p.add_argument("--protocols", help="comma-separated subset of thesis,grouped (default: both)")
     p.add_argument("--no-tune", action="store_true", help="skip the Bayesian search")
+    p.add_argument("--weights", choices=("imagenet", "auto", "none"),
+                   help="starting weights instead of the preset's (imagenet | auto | none)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, splits, weights and dropout")
-    p.add_argument("--verbose", action="store_true", help="per-epoch training output")
+    p.add_argument("--verbose", action="store_true",
+                   help="per-epoch training output, download messages and every warning in full")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the report from run folders without training",

@@ -73,6 +73,30 @@ def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch):
     assert "random initialisation" in note and "Name or service not known" in note
 
 
+def test_download_line_shows_only_for_a_download_that_starts(monkeypatch, tmp_path, capsys):
+    import keras
+
+    import karyo.models.weights as weights
+
+    def downloading(fname, origin, **kwargs):
+        print(f"Downloading data from {origin}")
+        print("\r 1/1 [====] - 0s", end="")  # Keras' progress bar: bytes arrived
+        return str(tmp_path / fname)
+
+    monkeypatch.setattr(weights, "_FAILED_DOWNLOADS", {})
+    monkeypatch.setattr(keras.utils, "get_file", downloading)
+    resolve_weights("imagenet", "vgg16")
+    assert f"Downloading data from {get_backbone('vgg16').weights_url}\n\r 1/1" in capsys.readouterr().out
+
+    def refused(fname, origin, **kwargs):
+        print(f"Downloading data from {origin}")
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno 111] Connection refused")
+
+    monkeypatch.setattr(keras.utils, "get_file", refused)
+    assert resolve_weights("auto", "vgg16")[1] == "none"
+    assert "Downloading" not in capsys.readouterr().out
+
+
 def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path):
     """The real Keras download path, made to fail fast: an empty KERAS_HOME and a dead proxy."""
     keras_home = tmp_path / "keras_home"

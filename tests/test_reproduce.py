@@ -58,3 +58,39 @@ def test_leakage_tuning_and_rerun_skips_finished_work(reproduction, capsys):
     assert out.count("finished earlier, skipped") == 15  # 14 runs and the search
     assert (reproduction / "runs" / "grouped" / "vgg16_unfreeze1" / "metrics.json").stat().st_mtime_ns == stamp
     assert main(["report", str(reproduction)]) == 0
+
+
+@pytest.mark.slow
+def test_offline_reproduce_prints_no_download_line_and_each_warning_once(tmp_path, monkeypatch, capsys):
+    import keras
+
+    import karyo.models.weights as weights
+
+    calls = []
+
+    def offline(fname, origin, **kwargs):
+        # What Keras' get_file does offline: announce the download, then fail to connect.
+        calls.append(fname)
+        print(f"Downloading data from {origin}")
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno 111] Connection refused")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr(weights, "_FAILED_DOWNLOADS", {})
+    args = ["reproduce", "--preset", "tiny", "--weights", "auto", "--no-tune", "--protocols", "thesis",
+            "--experiments", "vgg16_augmented,vgg16_unfreeze1"]
+    assert main(args + ["--out", str(tmp_path / "quiet")]) == 0
+    out, err = capsys.readouterr()
+    assert calls == [weights.get_backbone("vgg16").weights_file]  # never retried in this process
+    assert "Downloading data from" not in out + err
+    # Both runs read the same augmented data and fall back to random weights: each warning once.
+    lines = [line for line in err.splitlines() if line.startswith("karyo: warning:")]
+    assert len(lines) == 2, lines
+    assert sum("near-identical image" in line and "[in 2 runs;" in line for line in lines) == 1
+    assert sum("ImageNet weights unavailable" in line and "[in 2 runs;" in line for line in lines) == 1
+
+    # --verbose: every run's warnings, each naming its run.
+    assert main(args + ["--out", str(tmp_path / "verbose"), "--verbose"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("karyo: warning:")]
+    assert len(lines) == 4, lines
+    assert sum(line.startswith("karyo: warning: [thesis] vgg16_unfreeze1: ") for line in lines) == 2

@@ -174,7 +174,7 @@ def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path
 # ------------------------------------------------------------------------------ failures
 
 
-def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, monkeypatch):
+def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, monkeypatch, capsys):
     import karyo.experiments.tuning as tuning
 
     real, calls = tuning._fit_phase, []
@@ -196,6 +196,10 @@ def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, 
         assert row["val_loss"] == "" and float(row["seconds"]) >= 0
     assert best["trial_id"] in ("0", "3")
     assert best["completed_trials"] == 2 and best["failed_trials"] == 2
+    # Quiet, each failure is its one line; keras-tuner's traceback of it is held back.
+    err = capsys.readouterr().err
+    assert "karyo tune: trial 1 failed: MemoryError: injected: out of memory" in err
+    assert "Traceback" not in err
 
 
 def test_search_whose_trials_all_fail_raises_and_writes_no_best(
@@ -209,7 +213,8 @@ def test_search_whose_trials_all_fail_raises_and_writes_no_best(
 
     monkeypatch.setattr(tuning, "_fit_phase", broken)
     out = tmp_path / "search"
-    with pytest.raises(KaryoError, match="no trial of the search completed.*injected: broken trial"):
+    with pytest.raises(KaryoError, match="no trial of the search completed \\(the first 3 trials all "
+                                         "failed.*injected: broken trial"):
         tuning.tune(manifest, out, max_trials=6, cache_dir=cache, **TINY)
     assert not (out / "best.json").exists()
     rows = _trials(out)
@@ -222,6 +227,18 @@ def test_search_whose_trials_all_fail_raises_and_writes_no_best(
     best = tuning.tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
     assert best["trial_id"] == "3"
     assert best["completed_trials"] == 1 and best["failed_trials"] == tuning.FAIL_FAST
+
+
+def test_the_search_uses_keras_tuners_public_api_only():
+    import keras_tuner
+
+    import karyo.experiments.tuning as tuning
+
+    # keras_tuner.src is keras-tuner's private layout, free to change in any release.
+    assert "from keras_tuner.src" not in Path(tuning.__file__).read_text()
+    assert "import keras_tuner.src" not in Path(tuning.__file__).read_text()
+    # The fail-fast stop is keras-tuner's own "end the search" error, which its loop re-raises.
+    assert issubclass(tuning._make_tuner_classes()[2], keras_tuner.errors.FatalError)
 
 
 def test_a_diverged_trial_fails_instead_of_scoring_nan():

@@ -11,6 +11,7 @@ rerun on the same folder skips what already finished.
 """
 
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from karyo.data.splits import PROTOCOLS
 from karyo.errors import KaryoError
 from karyo.experiments.registry import get_experiment, THESIS_EXPERIMENTS
 from karyo.experiments.report import write_report
-from karyo.experiments.training import is_complete, train_experiment
+from karyo.experiments.training import is_complete, print_warning, train_experiment
 from karyo.experiments.tuning import tune
 from karyo.karyograms.synth import synthesize
 
@@ -84,7 +85,7 @@ def run_dir(out, protocol, name):
 
 
 def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=None,
-              protocols=None, tune=True, verbose=0, log=print):
+              protocols=None, tune=True, weights=None, verbose=0, log=print):
     """Run the thesis' experiments and write ``out/report.md`` (and ``report.html``).
 
     Args:
@@ -94,6 +95,8 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         seed: seeds data, splits, augmentation, weights and dropout.
         experiments, protocols: subsets (default: the seven Table 5.1 rows, both protocols).
         tune: run the Bayesian search first (thesis 3.2).
+        weights: ``imagenet``, ``auto`` or ``none`` instead of the preset's.
+        verbose: 0 quiet; 1 per-epoch output, download messages and every warning in full.
 
     Returns:
         path of ``report.md``.
@@ -104,6 +107,8 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         p = replace(p, experiments=tuple(experiments))
     if protocols:
         p = replace(p, protocols=tuple(protocols))
+    if weights:
+        p = replace(p, weights=str(weights))
     for name in p.experiments:
         get_experiment(name)  # unknown names fail before any work
 
@@ -127,22 +132,33 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         _tune(out, p, manifest, root, seed, log)
 
     cache = out / "cache"
-    for protocol in p.protocols:
-        for name in p.experiments:
-            target = run_dir(out, protocol, name)
-            if is_complete(target):
-                log(f"[{protocol}] {name}: finished earlier, skipped")
-                continue
-            exp = get_experiment(name)
-            exp = replace(exp, image_size=p.size_for(exp.backbone), epochs=p.epochs,
-                          fine_tune_epochs=p.fine_tune_epochs, patience=p.patience,
-                          weights=p.weights, mc_passes=p.mc_passes)
-            t0 = time.time()
-            log(f"[{protocol}] {name}: training ({exp.backbone} {exp.image_size} px)")
-            train_experiment(exp, manifest, target, protocol=protocol, seed=seed,
-                             resume=target.exists(), root=root, cache_dir=cache,
-                             data_dir=out / "data" / "prepared", verbose=verbose, progress=verbose > 0)
-            log(f"[{protocol}] {name}: done in {time.time() - t0:.0f} s")
+    # The same warning (the thesis protocol's leakage, weights falling back) comes from run after
+    # run on the same data: quiet, each is printed once, with the runs it concerns.
+    warnings = defaultdict(list)
+    try:
+        for protocol in p.protocols:
+            for name in p.experiments:
+                target = run_dir(out, protocol, name)
+                if is_complete(target):
+                    log(f"[{protocol}] {name}: finished earlier, skipped")
+                    continue
+                exp = get_experiment(name)
+                exp = replace(exp, image_size=p.size_for(exp.backbone), epochs=p.epochs,
+                              fine_tune_epochs=p.fine_tune_epochs, patience=p.patience,
+                              weights=p.weights, mc_passes=p.mc_passes)
+                t0 = time.time()
+                log(f"[{protocol}] {name}: training ({exp.backbone} {exp.image_size} px)")
+                run = f"[{protocol}] {name}"
+                warn = ((lambda text, run=run: print_warning(f"{run}: {text}")) if verbose
+                        else (lambda text, run=run: warnings[text].append(run)))
+                train_experiment(exp, manifest, target, protocol=protocol, seed=seed,
+                                 resume=target.exists(), root=root, cache_dir=cache,
+                                 data_dir=out / "data" / "prepared", verbose=verbose,
+                                 progress=verbose > 0, warn=warn)
+                log(f"[{protocol}] {name}: done in {time.time() - t0:.0f} s")
+    finally:
+        for text, runs in warnings.items():
+            print_warning(f"{text} [in {len(runs)} run{'s' * (len(runs) != 1)}; --verbose names each]")
     report = write_report(out, preset=asdict(p), seconds=time.time() - started)
     log(f"wrote {report} ({time.time() - started:.0f} s)")
     return report

@@ -177,8 +177,14 @@ def train_model(experiment, images, labels, run_dir, seed, cache_dir, weights_ar
     return model, two_phase_fit(model, images, labels, config, run_dir, cache_dir, cache_key)
 
 
+def print_warning(text):
+    """Print one ``karyo: warning: ...`` line on standard error (the default ``warn`` of a run)."""
+    print(f"karyo: warning: {text}", file=sys.stderr)
+
+
 def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=False, root=None,
-                     cache_dir=None, data_dir=None, class_weight=None, verbose=1, progress=True):
+                     cache_dir=None, data_dir=None, class_weight=None, verbose=1, progress=True,
+                     warn=print_warning):
     """Train ``experiment`` on the manifest ``data`` and evaluate it; return the run folder.
 
     Args:
@@ -192,6 +198,8 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
         cache_dir: backbone feature cache (default :func:`default_cache_dir`).
         data_dir: where augmented data is written (default ``out/data``).
         class_weight: ``None`` or ``"balanced"`` (scikit-learn's inverse class frequency).
+        warn: called with the text of each warning (the thesis protocol's leakage, ``auto``
+            weights falling back to none); ``karyo reproduce`` collects them to print each once.
 
     Raises:
         KaryoError: the run folder exists without ``resume``, the data is unusable, or the
@@ -215,7 +223,7 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
     created = not out.exists()
     try:
         return _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight,
-                          verbose, progress)
+                          verbose, progress, warn)
     except KaryoError:
         # A run that failed on its input leaves nothing behind (a killed one keeps its files to resume).
         if created:
@@ -224,11 +232,13 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
 
 
 def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight, verbose,
-               progress):
+               progress, warn):
 
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     weights_arg, weights_used, weights_note = resolve_weights(experiment.weights, experiment.backbone)
+    if str(experiment.weights).lower() == "auto" and weights_used == "none":
+        warn(weights_note)
 
     started = time.time()
     prepared = prepare_data(manifest, experiment.augmented, protocol, seed,
@@ -243,7 +253,7 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
     # Near-identical images in two parts: an error under grouped, counted under thesis.
     leakage = check_leakage(prepared, protocol, progress=progress)
     if leakage["warning"]:
-        print(f"karyo: warning: {leakage['warning']}", file=sys.stderr)
+        warn(leakage["warning"])
     images = {p: load_images(prepared, rows, experiment.image_size, progress, p) for p, rows in parts.items()}
     labels = {p: label_indices(rows, KARYOGRAM_LABELS) for p, rows in parts.items()}
 

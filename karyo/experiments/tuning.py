@@ -310,9 +310,8 @@ def _trial_record_path(project_dir, trial_id):
 def _make_tuner_classes():
     """The oracle and tuner classes (keras-tuner's, with the changes the module docstring lists)."""
     import keras_tuner
-    from keras_tuner.src.distribute import utils as dist_utils
-    from keras_tuner.src.engine.oracle import synchronized
-    from keras_tuner.src.engine.trial import TrialStatus
+    from keras_tuner import synchronized
+    from keras_tuner.engine.trial import TrialStatus
 
     ended = (TrialStatus.COMPLETED, TrialStatus.FAILED)
 
@@ -384,12 +383,36 @@ def _make_tuner_classes():
     class SearchTuner(keras_tuner.Tuner):
         """keras-tuner's ``Tuner`` (with a :class:`SearchOracle` it is ``BayesianOptimization``)
         that records each trial's error where the chief can read it, and stops a search whose
-        first trials all failed."""
+        first trials all failed.
 
-        def __init__(self, *args, progress=None, **kwargs):
+        Quiet (``quiet=True``), a failed trial shows its one-line error only: keras-tuner prints
+        the traceback of every failed trial to ``sys.stderr`` (unless its debug switch, which
+        is not public, is off), so each trial's standard error is held and, after the trial,
+        passed on without what was written after the trial raised.
+        """
+
+        def __init__(self, *args, progress=None, quiet=False, **kwargs):
             super().__init__(*args, **kwargs)
             self.progress = progress
+            self.quiet = quiet
             self.ran = []
+            self.held = None  # (the real sys.stderr, the buffer, where the trial raised)
+
+        def on_trial_begin(self, trial):
+            super().on_trial_begin(trial)
+            if self.quiet and self.held is None:
+                self.held = [sys.stderr, io.StringIO(), None]
+                sys.stderr = self.held[1]
+
+        def release_stderr(self):
+            """Give ``sys.stderr`` back, passing on what the trial wrote before it raised."""
+            if self.held is None:
+                return
+            real, buffer, raised_at = self.held
+            self.held = None
+            sys.stderr = real
+            real.write(buffer.getvalue()[:raised_at])
+            real.flush()
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.time()
@@ -400,6 +423,8 @@ def _make_tuner_classes():
                 record["error"] = _one_line(exc)
                 print(f"karyo tune: trial {trial.trial_id} failed: {record['error']}",
                       file=sys.stderr)
+                if self.held is not None:
+                    self.held[2] = len(self.held[1].getvalue())
                 raise
             finally:
                 record["seconds"] = round(time.time() - started, 3)
@@ -409,26 +434,27 @@ def _make_tuner_classes():
                                       json.dumps(record))
 
         def on_trial_end(self, trial):
+            self.release_stderr()
             super().on_trial_end(trial)
             if self.progress is not None:
                 self.progress.update(1)
-            if dist_utils.has_chief_oracle():
+            if _role() != "standalone":
                 return  # a worker cannot see the other trials
             statuses = [t.status for t in self.oracle.trials.values()]
             failed = statuses.count(TrialStatus.FAILED)
             if failed >= FAIL_FAST and TrialStatus.COMPLETED not in statuses:
-                raise _SearchFailed(f"the first {failed} trials all failed")
+                raise SearchFailed(f"the first {failed} trials all failed")
 
         def save(self):
             if not self._is_worker():
                 self.oracle.save()
             atomic_write_text(self._get_tuner_fname(), json.dumps(self.get_state()))
 
-    return SearchOracle, SearchTuner
+    class SearchFailed(keras_tuner.errors.FatalError):
+        """The fail-fast rule: keras-tuner's own "stop the search" error, raised from the search
+        loop; :func:`tune` catches it and reports the trials' errors as a ``KaryoError``."""
 
-
-class _SearchFailed(KaryoError):
-    """Raised inside the search loop to stop it; :func:`tune` reports the trials' errors."""
+    return SearchOracle, SearchTuner, SearchFailed
 
 
 def _trial_order(trial_id):
@@ -707,7 +733,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         cache_key = [backbone, weights_identity(weights_used, weights_arg, seed), int(image_size)]
 
     keras_tuner = _keras_tuner()
-    SearchOracle, SearchTuner = _make_tuner_classes()
+    SearchOracle, SearchTuner, SearchFailed = _make_tuner_classes()
     HyperModel = _make_hypermodel_class()
     oracle = SearchOracle(
         objective=keras_tuner.Objective("val_loss", direction="min"), max_trials=int(max_trials),
@@ -738,21 +764,16 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     # keras-tuner prints "Reloading Tuner from ..." whatever its verbosity.
     with contextlib.redirect_stdout(io.StringIO()) if verbose == 0 else contextlib.nullcontext():
         tuner = SearchTuner(oracle, hypermodel, directory=str(out_dir), project_name=PROJECT_NAME,
-                            overwrite=False, progress=bar)
+                            overwrite=False, progress=bar, quiet=verbose == 0)
     if bar is not None and role == "standalone":
         bar.update(sum(t.status in ("COMPLETED", "FAILED") for t in tuner.oracle.trials.values()))
     stopped = None
-    from keras_tuner.src import config as kt_config
-
-    # keras-tuner prints the traceback of every failed trial; quiet, the one-line error
-    # (printed and kept in trials.csv) is enough.
-    debug, kt_config.DEBUG = kt_config.DEBUG, verbose > 0
     try:
         tuner.search(verbose=verbose)
-    except _SearchFailed as exc:
+    except SearchFailed as exc:
         stopped = exc
     finally:
-        kt_config.DEBUG = debug
+        tuner.release_stderr()
         if bar is not None:
             bar.close()
         keras.backend.clear_session()

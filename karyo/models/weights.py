@@ -11,6 +11,7 @@ the accepted formats).
 import contextlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 from karyo.data.manifest import sha256_file
@@ -60,6 +61,38 @@ def _socket_timeout(seconds):
         socket.setdefaulttimeout(previous)
 
 
+class _HeldFirstLine:
+    """A stand-in for ``sys.stdout`` that holds back what is written until more than one line came.
+
+    Keras' ``get_file`` prints "Downloading data from URL" before it connects, then a progress
+    bar once bytes arrive: holding the first line until the bar starts shows it for a download
+    that works and drops it for one that fails at once (offline), whose error says it all.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.held, self.passing = stream, "", False
+
+    def write(self, text):
+        if self.passing:
+            return self.stream.write(text)
+        self.held += text
+        if self.held.count("\n") > 1 or not self.held.endswith("\n") and "\n" in self.held:
+            self.release()
+        return len(text)
+
+    def release(self):
+        self.passing = True
+        self.stream.write(self.held)
+        self.held = ""
+
+    def flush(self):
+        if self.passing:
+            self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno ...: the real stream's
+        return getattr(self.stream, name)
+
+
 #: Backbones whose ImageNet download already failed in this process, with the error: offline, a
 #: reproduction of 14 runs would otherwise wait for the download timeout 14 times.
 _FAILED_DOWNLOADS = {}
@@ -84,10 +117,13 @@ def fetch_imagenet_weights(name, timeout=DOWNLOAD_TIMEOUT):
     target = imagenet_weights_path(name)
     if backbone.name in _FAILED_DOWNLOADS and not target.is_file():
         raise KaryoError(_FAILED_DOWNLOADS[backbone.name])
+    held = _HeldFirstLine(sys.stdout)
     try:
-        with _socket_timeout(timeout):
+        with _socket_timeout(timeout), contextlib.redirect_stdout(held):
             path = keras.utils.get_file(backbone.weights_file, backbone.weights_url,
                                         cache_subdir="models", file_hash=backbone.weights_hash)
+        if held.held and not held.passing:
+            held.release()  # a download too fast for a progress bar: say it happened
     except Exception as exc:  # Keras raises a bare Exception on URL failure, ValueError on a bad hash
         reason = str(exc).replace(backbone.weights_url, "<url>").strip() or type(exc).__name__
         message = (
