@@ -61,7 +61,7 @@ def _tune_script(manifest, out, cache, max_trials):
 
 
 def test_batch_size_choices_are_thesis_powers_of_two_capped_by_training_set():
-    from karyo.experiments.tuning import batch_size_choices
+    from karyo.experiments.hypermodel import batch_size_choices
 
     assert batch_size_choices(10_000) == [8, 16, 32, 64, 128, 256, 512]
     assert batch_size_choices(100) == [8, 16, 32, 64]
@@ -71,7 +71,7 @@ def test_batch_size_choices_are_thesis_powers_of_two_capped_by_training_set():
 
 def test_unfreeze_choices_follow_each_backbones_blocks():
     from karyo.models.backbones import get_backbone
-    from karyo.experiments.tuning import unfreeze_choices
+    from karyo.experiments.hypermodel import unfreeze_choices
 
     assert unfreeze_choices("vgg16") == [0, 1, 2]
     n = len(get_backbone("inceptionv3").blocks)
@@ -175,9 +175,10 @@ def test_killed_search_resumes_with_exactly_max_trials(manifest, cache, tmp_path
 
 
 def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, monkeypatch, capsys):
+    import karyo.experiments.hypermodel as hypermodel
     import karyo.experiments.tuning as tuning
 
-    real, calls = tuning._fit_phase, []
+    real, calls = hypermodel.fit_trial, []
 
     def sometimes_out_of_memory(*args, **kwargs):
         calls.append(1)
@@ -185,7 +186,7 @@ def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, 
             raise MemoryError("injected: out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tuning, "_fit_phase", sometimes_out_of_memory)
+    monkeypatch.setattr(hypermodel, "fit_trial", sometimes_out_of_memory)
     out = tmp_path / "search"
     best = tuning.tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
 
@@ -204,14 +205,16 @@ def test_a_failed_trial_is_reported_and_never_chosen(manifest, cache, tmp_path, 
 
 def test_search_whose_trials_all_fail_raises_and_writes_no_best(
         manifest, cache, tmp_path, monkeypatch):
+    import karyo.experiments.hypermodel as hypermodel
+    import karyo.experiments.tuner as tuner
     import karyo.experiments.tuning as tuning
 
-    real = tuning._fit_phase
+    real = hypermodel.fit_trial
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected: broken trial")
 
-    monkeypatch.setattr(tuning, "_fit_phase", broken)
+    monkeypatch.setattr(hypermodel, "fit_trial", broken)
     out = tmp_path / "search"
     with pytest.raises(KaryoError, match="no trial of the search completed \\(the first 3 trials all "
                                          "failed.*injected: broken trial"):
@@ -219,40 +222,43 @@ def test_search_whose_trials_all_fail_raises_and_writes_no_best(
     assert not (out / "best.json").exists()
     rows = _trials(out)
     # The first FAIL_FAST trials all failed: a broken setup, so the search stopped there.
-    assert len(rows) == tuning.FAIL_FAST
+    assert len(rows) == tuner.FAIL_FAST
     assert all(r["status"] == "failed" and "injected: broken trial" in r["error"] for r in rows)
 
     # Once the setup is repaired, rerunning continues the same search.
-    monkeypatch.setattr(tuning, "_fit_phase", real)
+    monkeypatch.setattr(hypermodel, "fit_trial", real)
     best = tuning.tune(manifest, out, max_trials=4, cache_dir=cache, **TINY)
     assert best["trial_id"] == "3"
-    assert best["completed_trials"] == 1 and best["failed_trials"] == tuning.FAIL_FAST
+    assert best["completed_trials"] == 1 and best["failed_trials"] == tuner.FAIL_FAST
 
 
 def test_the_search_uses_keras_tuners_public_api_only():
     import keras_tuner
 
+    import karyo.experiments.hypermodel as hypermodel
+    import karyo.experiments.tuner as tuner
     import karyo.experiments.tuning as tuning
 
     # keras_tuner.src is keras-tuner's private layout, free to change in any release.
-    assert "from keras_tuner.src" not in Path(tuning.__file__).read_text()
-    assert "import keras_tuner.src" not in Path(tuning.__file__).read_text()
+    for module in (tuning, tuner, hypermodel):
+        assert "keras_tuner.src" not in Path(module.__file__).read_text()
     # The fail-fast stop is keras-tuner's own "end the search" error, which its loop re-raises.
-    assert issubclass(tuning._make_tuner_classes()[2], keras_tuner.errors.FatalError)
+    assert issubclass(tuner.SearchFailed, keras_tuner.errors.FatalError)
+    assert issubclass(hypermodel.KaryogramHyperModel, keras_tuner.HyperModel)
 
 
 def test_a_diverged_trial_fails_instead_of_scoring_nan():
     from keras_tuner.errors import FailedTrialError
 
     from karyo.models.network import build_head
-    from karyo.experiments.tuning import _fit_phase
+    from karyo.experiments.hypermodel import fit_trial
 
     # What an exploding learning rate leaves behind. (inf, not NaN: with oneDNN on, ReLU maps NaN
     # inputs to 0 and the loss stays finite, so NaN inputs would not make the loss diverge.)
     x = np.full((8, 4), np.inf, np.float32)
     y = np.array([0, 1] * 4)
     with pytest.raises(FailedTrialError, match="diverged"):
-        _fit_phase(build_head(4, 8, seed=0), x, y, x, y, 1e-3, 8, 1, 0, 0)
+        fit_trial(build_head(4, 8, seed=0), x, y, x, y, 1e-3, 8, 1, 0, 0)
 
 
 # ------------------------------------------------------------------------------ extended space
@@ -263,7 +269,7 @@ def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
 
     from karyo.models.features import cached_features
     from karyo.models.network import build_model, split_model
-    from karyo.experiments.tuning import _make_hypermodel_class
+    from karyo.experiments.hypermodel import KaryogramHyperModel
 
     rng = np.random.default_rng(0)
     images = {p: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for p, n in (("train", 12), ("val", 4))}
@@ -272,7 +278,7 @@ def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
     frozen, _ = split_model(build_model("vgg16", 32, seed=0), 0)
     pooled = {p: cached_features(frozen, images[p], key + ["pooled"], tmp_path, progress=False)
               for p in images}
-    hypermodel = _make_hypermodel_class()(
+    hypermodel = KaryogramHyperModel(
         "vgg16", 32, None, key, "extended", (1e-4, 1e-2), [8], 1, 0, pooled["train"].shape[-1],
         tmp_path, 16, 0.5, 1e-5)
     hypermodel.set_data(images, labels, pooled)

@@ -78,41 +78,31 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
-import sys
-import time
 from pathlib import Path
 
+import keras
+import keras_tuner
 import numpy as np
 
-from karyo import thesis
 from karyo.atomic import atomic_write_text
 from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, sha256_file
-from karyo.data.pipeline import label_indices, load_images, make_dataset, steps_per_epoch
+from karyo.data.pipeline import label_indices, load_images
 from karyo.errors import KaryoError
 from karyo.experiments.figures import plot_tuning_scatter
-from karyo.experiments.fit import epoch_seeding
+from karyo.experiments.hypermodel import (batch_size_choices, DROPOUT_RANGE, KaryogramHyperModel, LR_RANGE,
+                                          THESIS_BATCH_SIZE, THESIS_LR, unfreeze_choices, unfreeze_value)
 from karyo.experiments.training import default_cache_dir, prepare_data
+from karyo.experiments.tuner import (check_search_extras, one_line, search_role, SearchFailed, SearchOracle,
+                                     SearchTuner, trial_order, trial_record_path)
 from karyo.models.backbones import check_image_size, get_backbone
 from karyo.models.features import cached_features
-from karyo.models.network import (build_backbone, build_head, build_model, DEFAULT_DENSE_UNITS, DEFAULT_DROPOUT,
-                                  split_model)
-from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE, unfreeze_blocks
+from karyo.models.network import build_backbone, build_model, DEFAULT_DENSE_UNITS, DEFAULT_DROPOUT, split_model
+from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE
 from karyo.models.weights import resolve_weights, weights_identity
 
 #: keras-tuner's project folder inside ``out_dir``.
 PROJECT_NAME = "keras_tuner"
-#: The batch sizes the thesis' search could choose from (3.2: 16 or 32 best, 512 out of memory).
-BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
-#: Learning-rate range searched, log-uniformly (the thesis found [7e-4, 3e-2] to work).
-LR_RANGE = (1e-5, 1e-1)
-#: The thesis' choices (3.2), used as the defaults of the search space.
-THESIS_LR, THESIS_BATCH_SIZE = thesis.LEARNING_RATE, thesis.BATCH_SIZE
-#: Dropout rates the extended space searches (both MCDropout layers of the head share one).
-DROPOUT_RANGE = (0.1, 0.7, 0.1)
-#: Stop a search whose first this-many trials all failed: a broken setup, not a bad value.
-FAIL_FAST = 3
 #: trials.csv columns; hyperparameters not searched hold their fixed value.
 TRIAL_COLUMNS = ("trial_id", "lr", "batch_size", "dropout", "unfreeze", "dense_units", "val_loss",
                  "val_accuracy", "status", "seconds", "tuner", "error")
@@ -120,359 +110,6 @@ TRIAL_COLUMNS = ("trial_id", "lr", "batch_size", "dropout", "unfreeze", "dense_u
 _SETTING_KEYS = ("manifest_sha256", "backbone", "image_size", "weights", "space", "lr_range",
                  "batch_sizes", "unfreeze_choices", "dropout_range", "dense_units", "epochs",
                  "fine_tune_lr", "seed", "protocol", "augmented")
-_RECORD_NAME = "karyo_trial.json"
-
-
-# ------------------------------------------------------------------------------ the space
-
-
-def batch_size_choices(n_train):
-    """Powers of two from 8 to 512 (thesis 3.2), without those larger than the training set.
-
-    A batch larger than the training set is the whole set, like the next smaller power, so it
-    would only repeat a trial. At least the smallest value remains.
-    """
-    return [b for b in BATCH_SIZES if b <= n_train] or [BATCH_SIZES[0]]
-
-
-def unfreeze_choices(backbone):
-    """How many of the backbone's last blocks the extended space may fine-tune.
-
-    0, 1 and 2 for every backbone: the thesis trained VGG16's last one and two blocks (4.3.2,
-    4.3.3). Backbones cut into many small blocks (8 or more: InceptionV3's stem and 11
-    Inception modules, Xception, EfficientNetV2-B0, MobileNetV3) also get half of their blocks
-    and all of them, which is what the thesis did with InceptionV3 (4.3.4).
-    """
-
-    n = len(get_backbone(backbone).blocks)
-    choices = [0, 1, 2] + ([n // 2, n] if n >= 8 else [])
-    return sorted({c for c in choices if c <= n})
-
-
-def _unfreeze_value(k, backbone):
-    """The depth as ``karyo train`` takes it: ``"all"`` when every block is unfrozen."""
-
-    return "all" if k and k == len(get_backbone(backbone).blocks) else int(k)
-
-
-# ------------------------------------------------------------------------------ the hypermodel
-
-
-def _keras_tuner():
-    """Import keras-tuner, failing with one clear message if it cannot search (SPEC 8)."""
-    try:
-        import keras_tuner
-        import scipy  # noqa: F401  the "bayesian" extra
-        import sklearn  # noqa: F401
-        import tensorboard  # noqa: F401  every trial fails without it on TF >= 2.21
-    except ImportError as exc:
-        raise KaryoError(f"the Bayesian search needs keras-tuner with its extras ({exc.name} is "
-                         f"missing): pip install 'keras-tuner[bayesian]' tensorboard") from None
-    return keras_tuner
-
-
-def _compile_trial(model, lr):
-    """Adam at ``lr``, binary cross-entropy, accuracy: the metrics of thesis Figs. 3.3 / 3.4."""
-    import keras
-
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="binary_crossentropy",
-                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
-    return model
-
-
-def _fit_phase(model, x_train, y_train, x_val, y_val, lr, batch_size, epochs, seed, verbose,
-               stream="trial"):
-    """Fit ``model`` for ``epochs``; return its best epoch's metrics (lowest validation loss).
-
-    Each epoch's order and dropout masks are drawn from (seed, ``stream``, epoch) alone
-    (``karyo.experiments.fit.epoch_seeding``): a trial run again after a kill scores the same."""
-    from keras_tuner.errors import FailedTrialError
-
-    _compile_trial(model, lr)
-    seeding = epoch_seeding(seed, stream)
-    train = make_dataset(x_train, y_train.astype("float32"), batch_size, shuffle=True,
-                         seed=seeding.data_seed, first_epoch=0)
-    val = make_dataset(x_val, y_val.astype("float32"), batch_size)
-    history = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose, shuffle=False,
-                        steps_per_epoch=steps_per_epoch(len(x_train), batch_size),
-                        callbacks=[seeding]).history
-    val_loss = np.asarray(history["val_loss"], dtype=np.float64)
-    if not np.isfinite(val_loss).any():
-        raise FailedTrialError(f"training diverged: the validation loss is {val_loss[-1]} "
-                               f"(learning rate {lr:.3g})")
-    best = int(np.nanargmin(np.where(np.isfinite(val_loss), val_loss, np.nan)))
-    return {name: float(values[best]) for name, values in history.items()}
-
-
-def _make_hypermodel_class():
-    """:class:`KaryogramHyperModel`, defined on first use so that importing karyo stays cheap."""
-    import keras_tuner
-
-    class KaryogramHyperModel(keras_tuner.HyperModel):
-        """The thesis' network with the search space of thesis 3.2 (see :func:`tune`).
-
-        ``build(hp)`` returns the trainable part: the head on pooled features (``unfreeze`` 0)
-        or the whole network (``unfreeze`` > 0, split into phases in ``fit``).
-        ``fit(hp, model)`` applies the batch size and trains on the data given to
-        :meth:`set_data`; it returns the best epoch's ``val_loss`` and ``val_accuracy``.
-        """
-
-        def __init__(self, backbone, image_size, weights_arg, cache_key, space, lr_range,
-                     batch_sizes, epochs, seed, input_dim, cache_dir, dense_units, dropout,
-                     fine_tune_lr, progress=False):
-            super().__init__(name="karyogram")
-            self.backbone, self.image_size, self.weights_arg = backbone, image_size, weights_arg
-            self.cache_key, self.space, self.lr_range = list(cache_key), space, tuple(lr_range)
-            self.batch_sizes, self.epochs, self.seed = list(batch_sizes), int(epochs), int(seed)
-            self.input_dim, self.cache_dir = int(input_dim), cache_dir
-            self.dense_units, self.dropout, self.fine_tune_lr = dense_units, dropout, fine_tune_lr
-            self.unfreeze = unfreeze_choices(backbone) if space == "extended" else [0]
-            self.progress = progress
-            self.data = None
-
-        def set_data(self, images, labels, pooled):
-            """Training and validation images, labels and pooled features (dicts by split)."""
-            self.data = {"images": images, "labels": labels, "pooled": pooled}
-
-        def values(self, hp):
-            """Register the search space in ``hp`` (idempotent) and return this trial's values."""
-            low, high = self.lr_range
-            default_lr = THESIS_LR if low <= THESIS_LR <= high else math.sqrt(low * high)
-            default_batch = THESIS_BATCH_SIZE if THESIS_BATCH_SIZE in self.batch_sizes \
-                else self.batch_sizes[0]
-            values = {
-                "lr": hp.Float("lr", low, high, sampling="log", default=default_lr),
-                "batch_size": hp.Choice("batch_size", self.batch_sizes, default=default_batch),
-                "dropout": self.dropout, "unfreeze": 0, "dense_units": self.dense_units,
-            }
-            if self.space == "extended":
-                low_d, high_d, step = DROPOUT_RANGE
-                values["unfreeze"] = hp.Choice("unfreeze", self.unfreeze, default=0)
-                values["dropout"] = hp.Float("dropout", low_d, high_d, step=step,
-                                             default=self.dropout)
-            return values
-
-        def declare_hyperparameters(self, hp):
-            # The whole space up front, so the oracle samples the batch size from the first
-            # trial on (it is only read in ``fit``) and the chief knows the space without data.
-            self.values(hp)
-
-        def build(self, hp):
-            import keras
-
-            v = self.values(hp)
-            keras.utils.set_random_seed(self.seed)
-            if v["unfreeze"] == 0:
-                return build_head(self.input_dim, v["dense_units"], v["dropout"], seed=self.seed)
-            return build_model(self.backbone, self.image_size, weights=self.weights_arg,
-                               dense_units=v["dense_units"], dropout=v["dropout"], seed=self.seed)
-
-        def fit(self, hp, model, *args, verbose=0, **kwargs):
-            # keras-tuner's callbacks (a checkpoint of every best epoch) are not used: the
-            # search keeps hyperparameters, not models.
-
-            if self.data is None:
-                raise KaryoError("the hypermodel has no data (set_data was not called)")
-            v = self.values(hp)
-            labels, pooled = self.data["labels"], self.data["pooled"]
-            y_train, y_val = labels["train"], labels["val"]
-            if v["unfreeze"] == 0:
-                return _fit_phase(model, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
-                                  v["batch_size"], self.epochs, self.seed, verbose)
-            # As ``karyo train`` does: the head on the pooled features first, then the last
-            # blocks with the head at the fine-tuning rate, on the frozen part's cached output.
-            _, head = split_model(model, 0)
-            _fit_phase(head, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
-                       v["batch_size"], self.epochs, self.seed, verbose)
-            k = v["unfreeze"]
-            unfreeze_blocks(model, k)
-            frozen, trainable = split_model(model, k)
-            images = self.data["images"]
-            if frozen is None:  # every block unfrozen: the network trains on the images
-                x = {p: images[p].astype("float32") for p in ("train", "val")}
-            else:
-                key = self.cache_key + [f"unfreeze{k}"]
-                x = {p: cached_features(frozen, images[p], key, self.cache_dir, progress=self.progress)
-                     for p in ("train", "val")}
-            return _fit_phase(trainable, x["train"], y_train, x["val"], y_val, self.fine_tune_lr,
-                              v["batch_size"], self.epochs, self.seed, verbose, stream="fine_tune")
-
-    return KaryogramHyperModel
-
-
-# ------------------------------------------------------------------------ oracle and tuner
-
-
-def _trial_record_path(project_dir, trial_id):
-    return Path(project_dir) / f"trial_{trial_id}" / _RECORD_NAME
-
-
-def _make_tuner_classes():
-    """The oracle and tuner classes (keras-tuner's, with the changes the module docstring lists)."""
-    import keras_tuner
-    from keras_tuner import synchronized
-    from keras_tuner.engine.trial import TrialStatus
-
-    ended = (TrialStatus.COMPLETED, TrialStatus.FAILED)
-
-    class SearchOracle(keras_tuner.oracles.BayesianOptimizationOracle):
-        """keras-tuner's Bayesian oracle, with atomic state files, a repaired resume, and the
-        worker and the wall-clock seconds of every trial recorded in its state."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.karyo = {"tuner": {}, "started": {}, "seconds": {}}
-
-        @synchronized
-        def create_trial(self, tuner_id):
-            resent = tuner_id in self.ongoing_trials
-            trial = super().create_trial(tuner_id)
-            if trial.status == TrialStatus.RUNNING and not resent:
-                self.karyo["tuner"][trial.trial_id] = tuner_id
-                self.karyo["started"][trial.trial_id] = time.time()
-                self.save()
-            return trial
-
-        @synchronized
-        def end_trial(self, trial):
-            started = self.karyo["started"].get(trial.trial_id)
-            if started is not None:
-                self.karyo["seconds"][trial.trial_id] = round(time.time() - started, 3)
-            super().end_trial(trial)
-
-        def get_state(self):
-            return {**super().get_state(), "karyo": self.karyo}
-
-        def set_state(self, state):
-            super().set_state(state)
-            saved = state.get("karyo") or {}
-            self.karyo = {k: dict(saved.get(k) or {}) for k in ("tuner", "started", "seconds")}
-
-        def save(self):
-            atomic_write_text(self._get_oracle_fname(), json.dumps(self.get_state()))
-
-        def _save_trial(self, trial):
-            path = Path(self._get_trial_dir(trial.trial_id)) / "trial.json"
-            atomic_write_text(path, json.dumps(trial.get_state()))
-
-        def populate_space(self, trial_id):
-            # keras-tuner draws the Gaussian process' restart points from a RandomState it does
-            # not save: a resumed search would draw them anew from the seed and choose other
-            # values than an uninterrupted one. Drawn from (seed, trial number), they do not
-            # depend on whether the search was interrupted.
-            self._random_state = np.random.RandomState([int(self.seed), _trial_order(trial_id)[1]])
-            return super().populate_space(trial_id)
-
-        def reload(self):
-            super().reload()
-            # Trials in the order they were created, not the file system's (the Gaussian
-            # process is fitted on them in this order).
-            self.trials = dict(sorted(self.trials.items(), key=lambda item: _trial_order(item[0])))
-            # A kill between writing a trial's file and the oracle's leaves the two disagreeing:
-            # a started trial the oracle does not know is running (it would stay unfinished
-            # forever) or an ended one it still lists as running (it would be redone).
-            queue = [t for t in self._retry_queue if self.trials[t].status not in ended]
-            for trial_id in sorted(self.trials, key=_trial_order):
-                status = self.trials[trial_id].status
-                if status in ended and trial_id not in self.end_order:
-                    self.end_order.append(trial_id)
-                elif status == TrialStatus.RUNNING and trial_id not in queue:
-                    queue.append(trial_id)
-            self._retry_queue = queue
-
-    class SearchTuner(keras_tuner.Tuner):
-        """keras-tuner's ``Tuner`` (with a :class:`SearchOracle` it is ``BayesianOptimization``)
-        that records each trial's error where the chief can read it, and stops a search whose
-        first trials all failed.
-
-        Quiet (``quiet=True``), a failed trial shows its one-line error only: keras-tuner prints
-        the traceback of every failed trial to ``sys.stderr`` (unless its debug switch, which
-        is not public, is off), so each trial's standard error is held and, after the trial,
-        passed on without what was written after the trial raised.
-        """
-
-        def __init__(self, *args, progress=None, quiet=False, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.progress = progress
-            self.quiet = quiet
-            self.ran = []
-            self.held = None  # (the real sys.stderr, the buffer, where the trial raised)
-
-        def on_trial_begin(self, trial):
-            super().on_trial_begin(trial)
-            if self.quiet and self.held is None:
-                self.held = [sys.stderr, io.StringIO(), None]
-                sys.stderr = self.held[1]
-
-        def release_stderr(self):
-            """Give ``sys.stderr`` back, passing on what the trial wrote before it raised."""
-            if self.held is None:
-                return
-            real, buffer, raised_at = self.held
-            self.held = None
-            sys.stderr = real
-            real.write(buffer.getvalue()[:raised_at])
-            real.flush()
-
-        def run_trial(self, trial, *args, **kwargs):
-            started = time.time()
-            record = {"trial_id": trial.trial_id, "tuner": self.tuner_id, "error": ""}
-            try:
-                return super().run_trial(trial, *args, **kwargs)
-            except Exception as exc:
-                record["error"] = _one_line(exc)
-                print(f"karyo tune: trial {trial.trial_id} failed: {record['error']}",
-                      file=sys.stderr)
-                if self.held is not None:
-                    self.held[2] = len(self.held[1].getvalue())
-                raise
-            finally:
-                record["seconds"] = round(time.time() - started, 3)
-                self.ran.append(record)
-                with contextlib.suppress(OSError):
-                    atomic_write_text(_trial_record_path(self.project_dir, trial.trial_id),
-                                      json.dumps(record))
-
-        def on_trial_end(self, trial):
-            self.release_stderr()
-            super().on_trial_end(trial)
-            if self.progress is not None:
-                self.progress.update(1)
-            if _role() != "standalone":
-                return  # a worker cannot see the other trials
-            statuses = [t.status for t in self.oracle.trials.values()]
-            failed = statuses.count(TrialStatus.FAILED)
-            if failed >= FAIL_FAST and TrialStatus.COMPLETED not in statuses:
-                raise SearchFailed(f"the first {failed} trials all failed")
-
-        def save(self):
-            if not self._is_worker():
-                self.oracle.save()
-            atomic_write_text(self._get_tuner_fname(), json.dumps(self.get_state()))
-
-    class SearchFailed(keras_tuner.errors.FatalError):
-        """The fail-fast rule: keras-tuner's own "stop the search" error, raised from the search
-        loop; :func:`tune` catches it and reports the trials' errors as a ``KaryoError``."""
-
-    return SearchOracle, SearchTuner, SearchFailed
-
-
-def _trial_order(trial_id):
-    return (0, int(trial_id)) if str(trial_id).isdigit() else (1, str(trial_id))
-
-
-def _one_line(exc_or_text):
-    """The last meaningful line of an error or traceback, without keras-tuner's wrapper name."""
-    if isinstance(exc_or_text, BaseException):
-        text = f"{type(exc_or_text).__name__}: {exc_or_text}".strip()
-    else:
-        lines = [ln.strip() for ln in str(exc_or_text or "").splitlines() if ln.strip()]
-        text = lines[-1] if lines else ""
-    for prefix in ("keras_tuner.src.errors.", "keras_tuner.errors."):
-        text = text.replace(prefix, "")
-    if text.startswith("FailedTrialError: "):
-        text = text[len("FailedTrialError: "):]
-    return " ".join(text.split())[:500]
 
 
 # ------------------------------------------------------------------------------ results
@@ -481,7 +118,7 @@ def _one_line(exc_or_text):
 def _trial_rows(oracle, project_dir, fixed):
     """One dict per trial the oracle knows, for trials.csv and best.json."""
     rows = []
-    for trial_id in sorted(oracle.trials, key=_trial_order):
+    for trial_id in sorted(oracle.trials, key=trial_order):
         trial = oracle.trials[trial_id]
         values = dict(fixed, **trial.hyperparameters.values)
         status = str(trial.status or "").lower()
@@ -493,13 +130,13 @@ def _trial_rows(oracle, project_dir, fixed):
             return float(value) if value is not None else None
 
         record = {}
-        path = _trial_record_path(project_dir, trial_id)
+        path = trial_record_path(project_dir, trial_id)
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(path.read_text())
         tuner = oracle.karyo["tuner"].get(trial_id, record.get("tuner", ""))
         error = ""
         if status == "failed":
-            error = record.get("error") or _one_line(trial.message) or (
+            error = record.get("error") or one_line(trial.message) or (
                 f"failed on worker {tuner or '?'} (its error is in that worker's output)")
         seconds = oracle.karyo["seconds"].get(trial_id, record.get("seconds"))
         rows.append({
@@ -626,17 +263,6 @@ def _clear(out_dir):
             (out_dir / name).unlink()
 
 
-def _role():
-    """``standalone``, ``chief`` or ``worker``, from keras-tuner's environment variables."""
-    if "KERASTUNER_ORACLE_IP" not in os.environ:
-        return "standalone"
-    missing = [v for v in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if not os.environ.get(v)]
-    if missing:
-        raise KaryoError(f"KERASTUNER_ORACLE_IP is set but {' and '.join(missing)} is not: a "
-                         f"distributed search needs all three (see karyo.experiments.tuning)")
-    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
-
-
 def _pooled_dim(backbone, image_size):
     """Length of the backbone's pooled feature vector (built without weights: shapes only)."""
 
@@ -683,10 +309,8 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         KaryoError: bad arguments or data, settings that differ from the search being
             resumed, missing keras-tuner extras, or a search in which no trial completed.
     """
-    import keras
-
-    _keras_tuner()
-    role = _role()
+    check_search_extras()
+    role = search_role()
     backbone, lr_range = _check_arguments(backbone, max_trials, epochs, image_size, space,
                                           lr_range, protocol)
     out_dir = Path(out_dir)
@@ -732,9 +356,6 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         weights_arg, weights_used, _ = resolve_weights(weights, backbone)
         cache_key = [backbone, weights_identity(weights_used, weights_arg, seed), int(image_size)]
 
-    keras_tuner = _keras_tuner()
-    SearchOracle, SearchTuner, SearchFailed = _make_tuner_classes()
-    HyperModel = _make_hypermodel_class()
     oracle = SearchOracle(
         objective=keras_tuner.Objective("val_loss", direction="min"), max_trials=int(max_trials),
         # keras-tuner reads seed 0 as "no seed": shift it.
@@ -742,10 +363,10 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         # Its own stop after 3 consecutive failures would end a search on a run of
         # out-of-memory batch sizes and, in a chief, leave its lock held (a deadlock).
         max_consecutive_failed_trials=10 ** 9)
-    hypermodel = HyperModel(backbone, int(image_size), weights_arg, cache_key, space, lr_range,
-                            batch_sizes, epochs, seed, 0, cache_dir, DEFAULT_DENSE_UNITS,
-                            DEFAULT_DROPOUT, FINE_TUNE_LEARNING_RATE,
-                            progress=progress and verbose == 0)
+    hypermodel = KaryogramHyperModel(backbone, int(image_size), weights_arg, cache_key, space, lr_range,
+                                     batch_sizes, epochs, seed, 0, cache_dir, DEFAULT_DENSE_UNITS,
+                                     DEFAULT_DROPOUT, FINE_TUNE_LEARNING_RATE,
+                                     progress=progress and verbose == 0)
     if role == "chief" or _finished(out_dir, max_trials):
         # No trial will run here: the chief only serves the oracle, and a finished search
         # only rewrites its results. The head's input width is all that is needed.
@@ -821,7 +442,7 @@ def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels,
     fixed = {"dropout": DEFAULT_DROPOUT, "unfreeze": 0, "dense_units": DEFAULT_DENSE_UNITS}
     rows = _trial_rows(oracle, project_dir, fixed)
     for row in rows:
-        row["unfreeze"] = _unfreeze_value(row["unfreeze"] or 0, settings["backbone"])
+        row["unfreeze"] = unfreeze_value(row["unfreeze"] or 0, settings["backbone"])
     _write_trials_csv(out_dir / "trials.csv", rows)
     completed = [r for r in rows if r["status"] == "completed" and r["val_loss"] is not None]
     failed = [r for r in rows if r["status"] == "failed"]
@@ -833,7 +454,9 @@ def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels,
         raise KaryoError(f"no trial of the search completed ({why}{len(failed)} failed; the first "
                          f"error: {first}); see {out_dir / 'trials.csv'}")
     _write_figures(out_dir, rows, settings["space"])
-    best = min(completed, key=lambda r: (r["val_loss"], _trial_order(r["trial_id"])))
+    # keras-tuner's own ranking of the trials by the objective (the validation loss).
+    best_id = oracle.get_best_trials(1)[0].trial_id
+    best = next(r for r in completed if r["trial_id"] == best_id)
     result = {
         "hyperparameters": {k: best[k] for k in ("lr", "batch_size", "dropout", "unfreeze",
                                                  "dense_units")},

@@ -1,0 +1,179 @@
+"""The search space of thesis 3.2, as a keras-tuner ``HyperModel``.
+
+``KaryogramHyperModel.build(hp)`` declares the learning rate (log-uniform) and the batch size
+(powers of two, applied in ``fit``, as keras-tuner's guide does), and for ``space="extended"``
+the number of unfrozen blocks and the dropout rate. ``fit(hp, model)`` trains what ``karyo train``
+would train with those values, on the cached features of the frozen part, and returns the best
+epoch's validation loss and accuracy. :mod:`karyo.experiments.tuning` runs the search.
+"""
+
+import math
+
+import keras
+import keras_tuner
+import numpy as np
+from keras_tuner.errors import FailedTrialError
+
+from karyo import thesis
+from karyo.data.pipeline import make_dataset, steps_per_epoch
+from karyo.errors import KaryoError
+from karyo.experiments.fit import epoch_seeding
+from karyo.models.backbones import get_backbone
+from karyo.models.features import cached_features
+from karyo.models.network import build_head, build_model, split_model
+from karyo.models.unfreeze import unfreeze_blocks
+
+#: The batch sizes the thesis' search could choose from (3.2: 16 or 32 best, 512 out of memory).
+BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+#: Learning-rate range searched, log-uniformly (the thesis found [7e-4, 3e-2] to work).
+LR_RANGE = (1e-5, 1e-1)
+#: The thesis' choices (3.2), used as the defaults of the search space.
+THESIS_LR, THESIS_BATCH_SIZE = thesis.LEARNING_RATE, thesis.BATCH_SIZE
+#: Dropout rates the extended space searches (both MCDropout layers of the head share one).
+DROPOUT_RANGE = (0.1, 0.7, 0.1)
+
+
+def batch_size_choices(n_train):
+    """Powers of two from 8 to 512 (thesis 3.2), without those larger than the training set.
+
+    A batch larger than the training set is the whole set, like the next smaller power, so it
+    would only repeat a trial. At least the smallest value remains.
+    """
+    return [b for b in BATCH_SIZES if b <= n_train] or [BATCH_SIZES[0]]
+
+
+def unfreeze_choices(backbone):
+    """How many of the backbone's last blocks the extended space may fine-tune.
+
+    0, 1 and 2 for every backbone: the thesis trained VGG16's last one and two blocks (4.3.2,
+    4.3.3). Backbones cut into many small blocks (8 or more: InceptionV3's stem and 11
+    Inception modules, Xception, EfficientNetV2-B0, MobileNetV3) also get half of their blocks
+    and all of them, which is what the thesis did with InceptionV3 (4.3.4).
+    """
+
+    n = len(get_backbone(backbone).blocks)
+    choices = [0, 1, 2] + ([n // 2, n] if n >= 8 else [])
+    return sorted({c for c in choices if c <= n})
+
+
+def unfreeze_value(k, backbone):
+    """The depth as ``karyo train`` takes it: ``"all"`` when every block is unfrozen."""
+
+    return "all" if k and k == len(get_backbone(backbone).blocks) else int(k)
+
+
+def compile_trial(model, lr):
+    """Adam at ``lr``, binary cross-entropy, accuracy: the metrics of thesis Figs. 3.3 / 3.4."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="binary_crossentropy",
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
+    return model
+
+
+def fit_trial(model, x_train, y_train, x_val, y_val, lr, batch_size, epochs, seed, verbose,
+              stream="trial"):
+    """Fit ``model`` for ``epochs``; return its best epoch's metrics (lowest validation loss).
+
+    Each epoch's order and dropout masks are drawn from (seed, ``stream``, epoch) alone
+    (``karyo.experiments.fit.epoch_seeding``): a trial run again after a kill scores the same."""
+    compile_trial(model, lr)
+    seeding = epoch_seeding(seed, stream)
+    train = make_dataset(x_train, y_train.astype("float32"), batch_size, shuffle=True,
+                         seed=seeding.data_seed, first_epoch=0)
+    val = make_dataset(x_val, y_val.astype("float32"), batch_size)
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose, shuffle=False,
+                        steps_per_epoch=steps_per_epoch(len(x_train), batch_size),
+                        callbacks=[seeding]).history
+    val_loss = np.asarray(history["val_loss"], dtype=np.float64)
+    if not np.isfinite(val_loss).any():
+        raise FailedTrialError(f"training diverged: the validation loss is {val_loss[-1]} "
+                               f"(learning rate {lr:.3g})")
+    best = int(np.nanargmin(np.where(np.isfinite(val_loss), val_loss, np.nan)))
+    return {name: float(values[best]) for name, values in history.items()}
+
+
+class KaryogramHyperModel(keras_tuner.HyperModel):
+    """The thesis' network with the search space of thesis 3.2 (see :func:`tune`).
+
+    ``build(hp)`` returns the trainable part: the head on pooled features (``unfreeze`` 0)
+    or the whole network (``unfreeze`` > 0, split into phases in ``fit``).
+    ``fit(hp, model)`` applies the batch size and trains on the data given to
+    :meth:`set_data`; it returns the best epoch's ``val_loss`` and ``val_accuracy``.
+    """
+
+    def __init__(self, backbone, image_size, weights_arg, cache_key, space, lr_range,
+                 batch_sizes, epochs, seed, input_dim, cache_dir, dense_units, dropout,
+                 fine_tune_lr, progress=False):
+        super().__init__(name="karyogram")
+        self.backbone, self.image_size, self.weights_arg = backbone, image_size, weights_arg
+        self.cache_key, self.space, self.lr_range = list(cache_key), space, tuple(lr_range)
+        self.batch_sizes, self.epochs, self.seed = list(batch_sizes), int(epochs), int(seed)
+        self.input_dim, self.cache_dir = int(input_dim), cache_dir
+        self.dense_units, self.dropout, self.fine_tune_lr = dense_units, dropout, fine_tune_lr
+        self.unfreeze = unfreeze_choices(backbone) if space == "extended" else [0]
+        self.progress = progress
+        self.data = None
+
+    def set_data(self, images, labels, pooled):
+        """Training and validation images, labels and pooled features (dicts by split)."""
+        self.data = {"images": images, "labels": labels, "pooled": pooled}
+
+    def values(self, hp):
+        """Register the search space in ``hp`` (idempotent) and return this trial's values."""
+        low, high = self.lr_range
+        default_lr = THESIS_LR if low <= THESIS_LR <= high else math.sqrt(low * high)
+        default_batch = THESIS_BATCH_SIZE if THESIS_BATCH_SIZE in self.batch_sizes \
+            else self.batch_sizes[0]
+        values = {
+            "lr": hp.Float("lr", low, high, sampling="log", default=default_lr),
+            "batch_size": hp.Choice("batch_size", self.batch_sizes, default=default_batch),
+            "dropout": self.dropout, "unfreeze": 0, "dense_units": self.dense_units,
+        }
+        if self.space == "extended":
+            low_d, high_d, step = DROPOUT_RANGE
+            values["unfreeze"] = hp.Choice("unfreeze", self.unfreeze, default=0)
+            values["dropout"] = hp.Float("dropout", low_d, high_d, step=step,
+                                         default=self.dropout)
+        return values
+
+    def declare_hyperparameters(self, hp):
+        # The whole space up front, so the oracle samples the batch size from the first
+        # trial on (it is only read in ``fit``) and the chief knows the space without data.
+        self.values(hp)
+
+    def build(self, hp):
+        v = self.values(hp)
+        keras.utils.set_random_seed(self.seed)
+        if v["unfreeze"] == 0:
+            return build_head(self.input_dim, v["dense_units"], v["dropout"], seed=self.seed)
+        return build_model(self.backbone, self.image_size, weights=self.weights_arg,
+                           dense_units=v["dense_units"], dropout=v["dropout"], seed=self.seed)
+
+    def fit(self, hp, model, *args, verbose=0, **kwargs):
+        # keras-tuner's callbacks (a checkpoint of every best epoch) are not used: the
+        # search keeps hyperparameters, not models.
+
+        if self.data is None:
+            raise KaryoError("the hypermodel has no data (set_data was not called)")
+        v = self.values(hp)
+        labels, pooled = self.data["labels"], self.data["pooled"]
+        y_train, y_val = labels["train"], labels["val"]
+        if v["unfreeze"] == 0:
+            return fit_trial(model, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
+                             v["batch_size"], self.epochs, self.seed, verbose)
+        # As ``karyo train`` does: the head on the pooled features first, then the last
+        # blocks with the head at the fine-tuning rate, on the frozen part's cached output.
+        _, head = split_model(model, 0)
+        fit_trial(head, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
+                  v["batch_size"], self.epochs, self.seed, verbose)
+        k = v["unfreeze"]
+        unfreeze_blocks(model, k)
+        frozen, trainable = split_model(model, k)
+        images = self.data["images"]
+        if frozen is None:  # every block unfrozen: the network trains on the images
+            x = {p: images[p].astype("float32") for p in ("train", "val")}
+        else:
+            key = self.cache_key + [f"unfreeze{k}"]
+            x = {p: cached_features(frozen, images[p], key, self.cache_dir, progress=self.progress)
+                 for p in ("train", "val")}
+        return fit_trial(trainable, x["train"], y_train, x["val"], y_val, self.fine_tune_lr,
+                         v["batch_size"], self.epochs, self.seed, verbose, stream="fine_tune")
