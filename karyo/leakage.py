@@ -84,6 +84,11 @@ PAPER_SHARE = 0.75
 WORK_SIDE = 416
 #: Largest share of differing bits at which two images count as near-identical; see the table above.
 DEFAULT_THRESHOLD = 0.10
+#: Smallest side (px) of the stored images at which a grouped split refuses a pair. Below it the
+#: hash cannot tell distinct karyograms from copies (synthetic G-band, 146 cells: distinct pairs
+#: as close as 0.017 at 72 px, 0.089 at 80 px, 0.121 at 96 px; 0.194 at 128 px), so such pairs
+#: are only warned about. Measured by ``scripts/leakage_study.py --sizes``; see docs/reliability.md.
+MIN_REFUSE_SIDE = 128
 #: Pairs kept in a :func:`check_leakage` summary (the counts cover all of them).
 SUMMARY_PAIRS = 20
 
@@ -139,14 +144,23 @@ def perceptual_hash(image):
 
 
 def hash_files(paths, progress=False):
-    """Perceptual hashes of image files, one row per file.
+    """Perceptual hashes of image files, one row per file (see :func:`file_hashes`)."""
+    return file_hashes(paths, progress)[0]
+
+
+def file_hashes(paths, progress=False):
+    """Perceptual hashes of image files at their own resolution, and each file's shorter side.
+
+    The hash is always taken from the stored pixels, never from a model's (smaller) input: a
+    416 px file trained at 32 px is still hashed at 416 px.
 
     Args:
         paths: image files (read with :func:`karyo.imageio.decode_image` at their own size).
         progress: show a tqdm progress bar.
 
     Returns:
-        Boolean array of shape (len(paths), :func:`hash_bits`).
+        ``(hashes, sides)``: boolean array of shape (len(paths), :func:`hash_bits`), and an int
+        array of each image's shorter side in pixels (see :data:`MIN_REFUSE_SIDE`).
 
     Raises:
         ImageError: a file is missing or not an image (the message names it).
@@ -155,14 +169,17 @@ def hash_files(paths, progress=False):
 
     paths = list(paths)
     out = np.zeros((len(paths), hash_bits()), dtype=bool)
+    sides = np.zeros(len(paths), dtype=np.int64)
     iterator = paths
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(paths, desc="leakage hashes", unit="img")
     for i, path in enumerate(iterator):
-        out[i] = perceptual_hash(decode_image(path))
-    return out
+        image = decode_image(path)
+        sides[i] = min(image.shape[:2])
+        out[i] = perceptual_hash(image)
+    return out, sides
 
 
 def hamming_distances(a, b):
@@ -226,10 +243,7 @@ def near_duplicates(rows, root, threshold=DEFAULT_THRESHOLD, progress=False, has
     """
     _check_threshold(threshold)
     rows = list(rows)
-    for row in rows:
-        if row.get("split") not in PARTS:
-            raise SplitError(f"{row.get('path', '<no path>')}: split '{row.get('split', '')}' is not one of "
-                             f"{', '.join(PARTS)}")
+    _check_splits(rows)
     if hashes is None:
         hashes = hash_files([Path(root) / row["path"] for row in rows], progress=progress)
     index = {part: [i for i, row in enumerate(rows) if row["split"] == part] for part in PARTS}
@@ -259,30 +273,55 @@ def check_leakage(manifest, protocol, threshold=DEFAULT_THRESHOLD, progress=Fals
     Returns:
         JSON-ready dict: ``protocol``, ``threshold``, ``hash``, ``pairs`` (count),
         ``parts`` (per part: ``images``, ``with_train_match``, and ``with_val_match`` for test),
-        ``examples`` (the closest pairs), ``warning`` (text under ``thesis`` when pairs exist,
-        else ``None``).
+        ``examples`` (the closest pairs), ``smallest_side`` (px), ``small_image_pairs`` (pairs
+        below :data:`MIN_REFUSE_SIDE`), ``warning`` (text when pairs exist under ``thesis``, or
+        small-image pairs under ``grouped``, else ``None``).
+
+    Pairs of images whose shorter side is below :data:`MIN_REFUSE_SIDE` are never refused: there
+    the hash cannot tell distinct karyograms from copies, so they only give a warning.
 
     Raises:
-        SplitError: under ``grouped``, any pair (the message gives the count, the closest pair's
-            two files and distance, and what to fix; the error's ``pairs`` attribute holds them
-            all, for :func:`write_pairs`); an unknown protocol or a missing split.
+        SplitError: under ``grouped``, any pair of images of at least :data:`MIN_REFUSE_SIDE` px
+            (the message gives the count, the closest pair's two files and distance, and what to
+            fix; the error's ``pairs`` attribute holds them all, for :func:`write_pairs`); an
+            unknown protocol or a missing split.
     """
     if protocol not in PROTOCOLS:
         raise SplitError(f"unknown split protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
     rows = manifest.rows
-    pairs = near_duplicates(rows, manifest.root, threshold, progress)
+    _check_threshold(threshold)
+    _check_splits(rows)  # before reading any image
+    hashes, sides = file_hashes([Path(manifest.root) / row["path"] for row in rows], progress)
+    pairs = near_duplicates(rows, manifest.root, threshold, hashes=hashes)
     summary = leakage_summary(rows, pairs, protocol, threshold)
-    if pairs and protocol == "grouped":
-        part_a, path_a, part_b, path_b, distance = pairs[0]
-        source = manifest.source or manifest.root
+    side_of = {row["path"]: int(side) for row, side in zip(rows, sides)}
+    small = [p for p in pairs if min(side_of[p[1]], side_of[p[3]]) < MIN_REFUSE_SIDE]
+    sure = [p for p in pairs if min(side_of[p[1]], side_of[p[3]]) >= MIN_REFUSE_SIDE]
+    summary["smallest_side"] = int(sides.min()) if len(sides) else None
+    summary["small_image_pairs"] = len(small)
+    source = manifest.source or manifest.root
+    if sure and protocol == "grouped":
+        part_a, path_a, part_b, path_b, distance = sure[0]
         error = SplitError(
-            f"{source}: {len(pairs)} near-identical image pair(s) straddle the grouped split, "
+            f"{source}: {len(sure)} near-identical image pair(s) straddle the grouped split, "
             f"e.g. {path_a} ({part_a}) and {path_b} ({part_b}), hash distance {distance:.3f} "
             f"<= {threshold:.2f}; give near-identical images the same value in the 'group' column "
             "(or remove the duplicates) so that they fall in one part"
         )
         error.pairs = pairs
         raise error
+    if small:
+        part_a, path_a, part_b, path_b, distance = small[0]
+        side = min(side_of[path_a], side_of[path_b])
+        why = (f"the images are {side} px, below the {MIN_REFUSE_SIDE} px at which the hash tells distinct "
+               "karyograms from augmented copies")
+        if protocol == "grouped":
+            summary["warning"] = (
+                f"{source}: {len(small)} image pair(s) across the grouped split look alike, e.g. {path_a} "
+                f"({part_a}) and {path_b} ({part_b}), hash distance {distance:.3f} <= {threshold:.2f}, but "
+                f"{why}: not refused; make sure copies of one karyogram share a 'group' value")
+        else:
+            summary["warning"] += f" ({len(small)} pair(s) are unreliable: {why})"
     return summary
 
 
@@ -340,6 +379,13 @@ def write_pairs(path, pairs):
 def _percent(part):
     n = part["images"]
     return f"{100.0 * part['with_train_match'] / n:.1f} %" if n else "0 %"
+
+
+def _check_splits(rows):
+    for row in rows:
+        if row.get("split") not in PARTS:
+            raise SplitError(f"{row.get('path', '<no path>')}: split '{row.get('split', '')}' is not one of "
+                             f"{', '.join(PARTS)}")
 
 
 def _check_threshold(threshold):

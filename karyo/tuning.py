@@ -88,6 +88,7 @@ import numpy as np
 
 from karyo.atomic import atomic_write_text
 from karyo.errors import KaryoError
+from karyo.leakage import check_leakage
 from karyo.manifest import KARYOGRAM_LABELS, read_manifest, sha256_file
 
 #: keras-tuner's project folder inside ``out_dir``.
@@ -684,6 +685,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         split_rows(manifest.rows, protocol, seed)
     if overwrite and role != "worker" and out_dir.exists():
         _clear(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
@@ -691,6 +693,16 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     with _file_lock(data_dir / ".prepare.lock"):
         prepared = prepare_data(manifest, augmented, protocol, seed, data_dir,
                                 progress=progress and verbose == 0)
+    # The same guard as train's: a near-copy of a validation image in the training part makes
+    # the search pick what memorises best. Refused under grouped (nothing is left behind).
+    try:
+        leakage = check_leakage(prepared, protocol, progress=progress and verbose == 0)
+    except KaryoError:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if leakage["warning"] and role != "worker":
+        print(f"karyo: warning: {leakage['warning']}", file=sys.stderr)
     parts = {p: [r for r in prepared.rows if r["split"] == p] for p in ("train", "val")}
     for part, members in parts.items():
         if not members:
