@@ -64,6 +64,7 @@ import numpy as np
 
 from karyo.atomic import atomic_write_text
 from karyo.errors import KaryoError, SplitError
+from karyo.features import image_digest
 from karyo.splits import PARTS, PROTOCOLS
 
 #: Side of the thumbnail whose DCT is taken.
@@ -159,8 +160,9 @@ def file_hashes(paths, progress=False):
         progress: show a tqdm progress bar.
 
     Returns:
-        ``(hashes, sides)``: boolean array of shape (len(paths), :func:`hash_bits`), and an int
-        array of each image's shorter side in pixels (see :data:`MIN_REFUSE_SIDE`).
+        ``(hashes, sides, digests)``: boolean array of shape (len(paths), :func:`hash_bits`), an
+        int array of each image's shorter side in pixels (see :data:`MIN_REFUSE_SIDE`), and the
+        sha256 of each image's decoded pixels (:func:`karyo.features.image_digest`).
 
     Raises:
         ImageError: a file is missing or not an image (the message names it).
@@ -170,6 +172,7 @@ def file_hashes(paths, progress=False):
     paths = list(paths)
     out = np.zeros((len(paths), hash_bits()), dtype=bool)
     sides = np.zeros(len(paths), dtype=np.int64)
+    digests = []
     iterator = paths
     if progress:
         from tqdm.auto import tqdm
@@ -178,8 +181,9 @@ def file_hashes(paths, progress=False):
     for i, path in enumerate(iterator):
         image = decode_image(path)
         sides[i] = min(image.shape[:2])
+        digests.append(image_digest(image))
         out[i] = perceptual_hash(image)
-    return out, sides
+    return out, sides, digests
 
 
 def hamming_distances(a, b):
@@ -277,11 +281,13 @@ def check_leakage(manifest, protocol, threshold=DEFAULT_THRESHOLD, progress=Fals
         below :data:`MIN_REFUSE_SIDE`), ``warning`` (text when pairs exist under ``thesis``, or
         small-image pairs under ``grouped``, else ``None``).
 
-    Pairs of images whose shorter side is below :data:`MIN_REFUSE_SIDE` are never refused: there
-    the hash cannot tell distinct karyograms from copies, so they only give a warning.
+    Pairs of images whose shorter side is below :data:`MIN_REFUSE_SIDE` are refused only when
+    their pixels are identical: there the hash cannot tell distinct karyograms from augmented
+    copies, so other such pairs only give a warning.
 
     Raises:
         SplitError: under ``grouped``, any pair of images of at least :data:`MIN_REFUSE_SIDE` px
+            or of identical pixels
             (the message gives the count, the closest pair's two files and distance, and what to
             fix; the error's ``pairs`` attribute holds them all, for :func:`write_pairs`); an
             unknown protocol or a missing split.
@@ -291,12 +297,18 @@ def check_leakage(manifest, protocol, threshold=DEFAULT_THRESHOLD, progress=Fals
     rows = manifest.rows
     _check_threshold(threshold)
     _check_splits(rows)  # before reading any image
-    hashes, sides = file_hashes([Path(manifest.root) / row["path"] for row in rows], progress)
+    hashes, sides, digests = file_hashes([Path(manifest.root) / row["path"] for row in rows], progress)
     pairs = near_duplicates(rows, manifest.root, threshold, hashes=hashes)
     summary = leakage_summary(rows, pairs, protocol, threshold)
     side_of = {row["path"]: int(side) for row, side in zip(rows, sides)}
-    small = [p for p in pairs if min(side_of[p[1]], side_of[p[3]]) < MIN_REFUSE_SIDE]
-    sure = [p for p in pairs if min(side_of[p[1]], side_of[p[3]]) >= MIN_REFUSE_SIDE]
+    digest_of = {row["path"]: digest for row, digest in zip(rows, digests)}
+
+    def certain(pair):  # identical pixels are a copy at any size
+        a, b = pair[1], pair[3]
+        return min(side_of[a], side_of[b]) >= MIN_REFUSE_SIDE or digest_of[a] == digest_of[b]
+
+    small = [p for p in pairs if not certain(p)]
+    sure = [p for p in pairs if certain(p)]
     summary["smallest_side"] = int(sides.min()) if len(sides) else None
     summary["small_image_pairs"] = len(small)
     source = manifest.source or manifest.root

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from karyo.errors import KaryoError
-from karyo.manifest import write_manifest
+from karyo.manifest import read_manifest, write_manifest
 
 pytest.importorskip("keras_tuner")
 
@@ -385,3 +385,23 @@ def test_resume_repairs_the_state_a_kill_between_two_writes_leaves(manifest, cac
     assert [r["status"] for r in _trials(out)] == ["completed"] * 4
     assert best["completed_trials"] == 4
     assert _trial_json(out, 2).read_bytes() == ended
+
+
+def test_tune_refuses_copies_across_its_grouped_split_as_train_does(manifest, cache, tmp_path, capsys):
+    import shutil
+
+    from karyo.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(manifest.parent, root)
+    rows = read_manifest(root / "manifest.csv").rows
+    for i in range(6):  # byte-identical copies, each its own group: some straddle the split
+        shutil.copy(root / f"normal_{i}.png", root / f"copy_{i}.png")
+        rows.append({"path": f"copy_{i}.png", "label": "normal", "group": f"copy{i}"})
+    write_manifest(root / "manifest.csv", rows)
+    out = tmp_path / "search"
+    code = main(["tune", "--data", str(root / "manifest.csv"), "--out", str(out), "--cache", str(cache),
+                 "--max-trials", "1", "--image-size", "32", "--weights", "none", "--epochs", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("karyo:")]
+    assert code == 2 and len(err) == 1 and "near-identical" in err[0] and "copy_" in err[0], err
+    assert not out.exists()
