@@ -289,11 +289,10 @@ def check_leakage(manifest, protocol, threshold=DEFAULT_THRESHOLD, progress=Fals
     copies, so other such pairs only give a warning.
 
     Raises:
-        SplitError: under ``grouped``, any pair of images of at least :data:`MIN_REFUSE_SIDE` px
-            or of identical pixels
-            (the message gives the count, the closest pair's two files and distance, and what to
-            fix; the error's ``pairs`` attribute holds them all, for :func:`write_pairs`); an
-            unknown protocol or a missing split.
+        SplitError: under ``grouped``, any pair of images of at least :data:`MIN_REFUSE_SIDE` px,
+            or of identical pixels (the message gives the count, the closest such pair's two files
+            and distance, and what to fix; the error's ``pairs`` attribute holds every pair, for
+            :func:`write_pairs`); an unknown protocol or a missing split.
     """
     if protocol not in PROTOCOLS:
         raise SplitError(f"unknown split protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
