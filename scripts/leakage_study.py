@@ -10,6 +10,10 @@ pairs at or below the threshold and the hashing speed.
 
     python scripts/leakage_study.py [--work /tmp/karyo-leakage] [--data ../shared/data] [--threshold 0.10]
 
+With ``--sizes 32 64 96 160 416`` it instead measures, at each size, how distinct synthetic
+karyograms (``--cells``, rendered at the size, or at synth's 64 px minimum and shrunk) and
+four augmented copies of each separate: the numbers behind ``karyo.leakage.MIN_REFUSE_SIDE``.
+
 About 30 s on 2 CPU cores when the data are already built (about a minute more to build them).
 """
 
@@ -143,6 +147,31 @@ def row_text(name, values, threshold):
             f"{values.max():.3f} | {100 * flagged:.1f} % |")
 
 
+def size_study(sizes, cells=146, stain="g", threshold=leakage.DEFAULT_THRESHOLD, copies=4):
+    """Per size: distinct-pair and image-copy distances (min / 1st percentile / median / max)."""
+    import cv2
+
+    from karyo.data.augment import augment_image
+    from karyo.karyograms.synth import MIN_SIZE, plan_dataset, render_karyogram
+
+    plan = plan_dataset(cells * 2 // 3, cells - cells * 2 // 3, seed=1)
+    print(f"| size | distinct: min / 1 % / median | distinct <= {threshold:.2f} | copies: median / max "
+          f"| copies <= {threshold:.2f} |\n|---|---|---|---|---|")
+    for size in sizes:
+        images = [render_karyogram(k, max(size, MIN_SIZE), np.random.default_rng([1, i]), stain)
+                  for i, k in enumerate(plan)]
+        if size < MIN_SIZE:
+            images = [cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in images]
+        hashes = np.array([leakage.perceptual_hash(x) for x in images])
+        distinct = leakage.hamming_distances(hashes, hashes)[np.triu_indices(len(hashes), 1)]
+        near = np.concatenate([leakage.hamming_distances(hashes[i], np.array(
+            [leakage.perceptual_hash(augment_image(x, np.random.default_rng([i, k]))) for k in range(copies)])).ravel()
+            for i, x in enumerate(images)])
+        print(f"| {size} | {distinct.min():.3f} / {np.percentile(distinct, 1):.3f} / {np.median(distinct):.3f} "
+              f"| {np.mean(distinct <= threshold):.1%} | {np.median(near):.3f} / {near.max():.3f} "
+              f"| {np.mean(near <= threshold):.1%} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/karyo-leakage"),
@@ -150,7 +179,13 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
                         help="the shared real data (skipped when absent)")
     parser.add_argument("--threshold", type=float, default=leakage.DEFAULT_THRESHOLD)
+    parser.add_argument("--sizes", type=int, nargs="+", help="measure separation at these image sizes instead")
+    parser.add_argument("--cells", type=int, default=146, help="distinct karyograms per size (--sizes)")
+    parser.add_argument("--stain", choices=("g", "q"), default="g", help="banding of --sizes' karyograms")
     args = parser.parse_args(argv)
+    if args.sizes:
+        size_study(args.sizes, args.cells, args.stain, args.threshold)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     folders = build(args.work, args.data if args.data.is_dir() else None)
 

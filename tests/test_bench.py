@@ -100,7 +100,14 @@ def test_tiny_bench_writes_complete_json(tiny_result):
     assert machine["cores"] >= 1 and machine["tensorflow"] and machine["keras"]
     assert machine["mixed_precision_policy"] == "float32"
 
-    assert set(written["goals"]) == {f"{s}.{k}" for s, k, _, _ in bench.GOALS}
+    mem = written["predict_memory"]
+    assert list(mem["peak_rss_mb"]) == [str(n) for n in bench.PRESETS["tiny"]["predict_memory"]["counts"]]
+    assert all(_positive(v) for v in mem["peak_rss_mb"].values()) and _positive(mem["in_memory_peak_rss_mb"])
+    assert mem["peak_rss_mb_at_most_images"] == mem["peak_rss_mb"][str(mem["counts"][-1])]
+    assert _positive(mem["throughput_vs_in_memory"]) and _positive(mem["rss_growth"])
+
+    goals = bench.GOALS + bench.MEASURED_ONLY_GOALS
+    assert set(written["goals"]) == {f"{s}.{k}" for s, k, _, _ in goals}
     for key, goal in written["goals"].items():
         section, name = key.split(".")
         assert goal["value"] == written[section][name]
@@ -113,7 +120,7 @@ def test_format_bench_shows_every_figure(tiny_result):
     assert "tiny" in text.splitlines()[0]
     for needle in ("MC Dropout T=10", "naive MC Dropout", "head epoch speedup", "last block",
                    "keras-tuner trial", "vgg16 features at 75px", "inceptionv3 features",
-                   "dense matmul"):
+                   "dense matmul", "karyo predict peak RSS", "streamed / in-memory throughput"):
         assert needle in text, needle
     for goal in tiny_result[0]["goals"].values():  # each goal with its verdict
         assert f"{goal['goal']}  {'met' if goal['met'] else 'NOT MET'}" in text
@@ -141,6 +148,16 @@ def test_format_bench_of_a_partial_result():
     text = bench.format_bench(result)
     assert "1.05x" in text and "<= 1.2  met" in text and "97" in text
     assert "head epoch" not in text
+
+
+def test_the_memory_section_is_left_out_of_quick_and_judged_only_when_measured():
+    assert "predict_memory" not in bench.PRESETS["quick"] and "predict_memory" in bench.PRESETS["full"]
+    assert bench.PRESETS["full"]["predict_memory"]["counts"] == (500, 2000, 5000)
+    assert not [k for k in bench.evaluate_goals({}) if k.startswith("predict_memory")]
+    goals = bench.evaluate_goals({"predict_memory": {"peak_rss_mb_at_most_images": 2100.0,
+                                                     "throughput_vs_in_memory": 0.95}})
+    assert goals["predict_memory.peak_rss_mb_at_most_images"]["met"] is False
+    assert goals["predict_memory.throughput_vs_in_memory"]["met"] is True
 
 
 def test_count_macs_matches_the_published_vgg16_figure():

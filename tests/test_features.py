@@ -160,3 +160,27 @@ def test_two_workers_filling_one_cache(tmp_path):
     assert len(list(folder.glob("*.npy"))) == 12 and not list(folder.glob(".*"))
     np.testing.assert_array_equal(cached_features(models[0], x, KEY, tmp_path, progress=False),
                                   results[0])
+
+
+def test_a_corrupted_entry_is_detected_recomputed_and_reported_once(counted, tmp_path, capsys):
+    model, calls = counted
+    x = random_images(3, 16)
+    good = cached_features(model, x, KEY, tmp_path, progress=False)
+    folder = next(tmp_path.iterdir())
+    flipped = folder / f"{image_digest(x[0])}.npy"
+    data = bytearray(flipped.read_bytes())
+    data[-features_module.TRAILER_SIZE - 1] ^= 0x40  # one bit of the last float: same size, valid .npy
+    flipped.write_bytes(bytes(data))
+    cut = folder / f"{image_digest(x[2])}.npy"
+    cut.write_bytes(cut.read_bytes()[:-7])  # a copy cut short
+    assert features_module.read_entry(flipped, (4,))[1] == "checksum mismatch"
+    capsys.readouterr()
+    calls.clear()
+    again = cached_features(model, x, KEY, tmp_path, progress=False)
+    assert calls == [2] and np.array_equal(again, good)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 damaged entries recomputed" in err[0] and str(folder) in err[0], err
+    assert features_module.read_entry(flipped, (4,))[1] is None  # rewritten whole
+    calls.clear()
+    cached_features(model, x, KEY, tmp_path, progress=False)
+    assert calls == [] and capsys.readouterr().err == ""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from karyo.errors import KaryoError
-from karyo.data.manifest import write_manifest
+from karyo.data.manifest import read_manifest, write_manifest
 from tests.common import TINY_TUNE as TINY, blob_image, subprocess_env, trial_json
 
 pytest.importorskip("keras_tuner")
@@ -414,3 +414,23 @@ def test_hyperparameters_file_that_is_not_json_is_one_line(manifest, tmp_path, c
     assert code == 2
     assert capsys.readouterr().err.strip().startswith(f"karyo: error: {bad}: not valid JSON")
     assert not (tmp_path / "run").exists()
+
+
+def test_tune_refuses_copies_across_its_grouped_split_as_train_does(manifest, cache, tmp_path, capsys):
+    import shutil
+
+    from karyo.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(manifest.parent, root)
+    rows = read_manifest(root / "manifest.csv").rows
+    for i in range(6):  # byte-identical copies, each its own group: some straddle the split
+        shutil.copy(root / f"normal_{i}.png", root / f"copy_{i}.png")
+        rows.append({"path": f"copy_{i}.png", "label": "normal", "group": f"copy{i}"})
+    write_manifest(root / "manifest.csv", rows)
+    out = tmp_path / "search"
+    code = main(["tune", "--data", str(root / "manifest.csv"), "--out", str(out), "--cache", str(cache),
+                 "--max-trials", "1", "--image-size", "32", "--weights", "none", "--epochs", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("karyo:")]
+    assert code == 2 and len(err) == 1 and "near-identical" in err[0] and "copy_" in err[0], err
+    assert not out.exists()

@@ -88,9 +88,15 @@ GOALS = (
     ("unfreeze_last_block", "speedup", ">=", 2.5),
 )
 
+#: Goals of sections that not every preset measures (``predict_memory``): judged only when measured.
+MEASURED_ONLY_GOALS = (
+    ("predict_memory", "peak_rss_mb_at_most_images", "<=", 2000.0),
+    ("predict_memory", "throughput_vs_in_memory", ">=", 0.9),
+)
+
 #: The order in which :func:`run_bench` measures (and reports) its sections.
 SECTIONS = ("synth_render", "backbone_throughput", "mc_dropout", "head_training",
-            "unfreeze_last_block", "tuner_trial")
+            "unfreeze_last_block", "tuner_trial", "predict_memory")
 
 #: What each preset measures. ``size``: image side in pixels, ``images``: how many,
 #: ``repeats``: timed repeats after the warm-up. ``quick`` uses 128 px for the ratios (the
@@ -113,6 +119,9 @@ PRESETS = {
                                 "batch_size": THESIS_BATCH, "repeats": 5},
         "tuner_trial": {"backbone": "vgg16", "size": 224, "images": 128, "epochs": 2,
                         "repeats": 3},
+        # Not in ``quick``: decoding 7,500 files of 416 px takes minutes.
+        "predict_memory": {"size": THESIS_SIZE, "counts": (500, 2000, 5000), "T": MC_PASSES,
+                           "repeats": 3},
     },
     "quick": {
         "synth_render": {"normal": ALPHA_NORMAL, "abnormal": ALPHA_ABNORMAL, "size": THESIS_SIZE,
@@ -142,6 +151,7 @@ PRESETS = {
                                 "repeats": 2},
         "tuner_trial": {"backbone": "vgg16", "size": 32, "images": 8, "epochs": 1,
                         "repeats": 1},
+        "predict_memory": {"size": 64, "counts": (3, 6), "T": 5, "repeats": 1},
     },
 }
 
@@ -635,6 +645,123 @@ def bench_tuner_trial(cfg, images, folder):
 # ------------------------------------------------------------------------------ report
 
 
+#: ``karyo predict``'s old way, for the throughput comparison: every image decoded into one array.
+_IN_MEMORY_PREDICT = """
+import sys
+from pathlib import Path
+from karyo.data.imageio import is_image_path
+from karyo.data.manifest import KARYOGRAM_LABELS
+from karyo.data.pipeline import load_paths
+from karyo.experiments.runs import load_models, pooled_passes, read_config
+from karyo.uncertainty.confidence import predictions_table, summarize_passes
+run, folder, passes = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
+images, good, _ = load_paths(files, read_config(run)["experiment"]["image_size"])
+summary = summarize_passes(pooled_passes(load_models(run), images, passes, 0), threshold=0.8)
+predictions_table([str(p) for p in good], None, summary, class_names=KARYOGRAM_LABELS)
+"""
+
+
+def _tiny_run(folder, size):
+    """A run folder holding a tiny model at ``size`` px: one strided convolution, then the thesis' head.
+
+    What is measured is the input pipeline's memory, which a big backbone would only slow down.
+    """
+    import keras
+
+    from karyo.models.network import build_head
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 5, strides=8, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, build_head(8, seed=0)(x))
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    config = {"experiment": {"image_size": size, "title": "bench: tiny model"}, "data": {"split_root": str(folder)}}
+    atomic_write_text(folder / "config.json", json.dumps(config))
+    return folder
+
+
+def _measure_child(args, env):
+    """Run a command; return its wall seconds and its own peak RSS in MB (``os.wait4``'s rusage)."""
+    import subprocess
+
+    with tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            err.seek(0)
+            lines = err.read().decode("utf-8", "replace").strip().splitlines() or ["(no output)"]
+            raise KaryoError(f"benchmark command failed ({' '.join(map(str, args[:4]))} ...): {lines[-1]}")
+    # ru_maxrss is in kilobytes on Linux, in bytes on macOS.
+    scale = 1 / 1024 ** 2 if platform.system() == "Darwin" else 1 / 1024
+    return seconds, usage.ru_maxrss * scale
+
+
+def bench_predict_memory(cfg, images, folder):
+    """Peak memory of ``karyo predict`` (a subprocess) on more and more 416 px karyograms.
+
+    One karyogram of ``images`` is written once and copied to reach each count; a tiny model
+    scores them (:func:`_tiny_run`). The peak resident set size of each ``karyo predict`` is
+    read from ``os.wait4``; streamed decoding should keep it flat. At the smallest count the
+    streamed command is timed in alternation with the old in-memory way (every image decoded
+    into one array, :data:`_IN_MEMORY_PREDICT`), which is run only there.
+    """
+    import shutil
+    import sys
+
+    import karyo
+    from karyo.data.imageio import encode_png, resize
+
+    size, counts, passes = int(cfg["size"]), tuple(cfg["counts"]), int(cfg["T"])
+    run = _tiny_run(folder / "run", size)
+    picture = encode_png(resize(np.asarray(images[0]), size)[:, :, 0])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(Path(karyo.__file__).resolve().parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    streamed_cmd = [sys.executable, "-m", "karyo", "predict", "--model", str(run), "--mc", str(passes)]
+    data = folder / "karyograms"
+    data.mkdir()
+    (data / "k00000.png").write_bytes(picture)
+    result = {"image_size": size, "mc_passes": passes, "counts": list(counts),
+              "model": "one 5x5 convolution (8 filters, stride 8) + the thesis' head",
+              "peak_rss_mb": {}, "seconds": {}}
+    made = 1
+    for n in counts:
+        for i in range(made, n):
+            shutil.copyfile(data / "k00000.png", data / f"k{i:05d}.png")
+        made = max(made, n)
+        if n == counts[0]:
+            measures = {
+                "streamed": lambda: _measure_child(streamed_cmd + [str(data)], env),
+                "in_memory": lambda: _measure_child(
+                    [sys.executable, "-c", _IN_MEMORY_PREDICT, str(run), str(data), str(passes)], env),
+            }
+            runs = {name: [] for name in measures}
+            for _ in range(int(cfg["repeats"])):
+                for name, measure in measures.items():  # in alternation, so load hits both alike
+                    runs[name].append(measure())
+            seconds = {name: [r[0] for r in values] for name, values in runs.items()}
+            result["in_memory_seconds"] = _stats(seconds["in_memory"])
+            result["in_memory_peak_rss_mb"] = max(r[1] for r in runs["in_memory"])
+            result["throughput_vs_in_memory"] = statistics.median(
+                m / s for s, m in zip(seconds["streamed"], seconds["in_memory"]))
+            result["seconds"][str(n)] = _stats(seconds["streamed"])
+            result["peak_rss_mb"][str(n)] = max(r[1] for r in runs["streamed"])
+        else:
+            seconds, rss = _measure_child(streamed_cmd + [str(data)], env)
+            result["seconds"][str(n)] = _stats([seconds])
+            result["peak_rss_mb"][str(n)] = rss
+    peaks = [result["peak_rss_mb"][str(n)] for n in counts]
+    result["peak_rss_mb_at_most_images"] = peaks[-1]
+    result["rss_growth"] = peaks[-1] / peaks[0]
+    return result
+
+
 def machine_info():
     """Cores, library versions and platform (recorded with every benchmark)."""
     import keras
@@ -677,7 +804,8 @@ def _load_average():
 def evaluate_goals(result):
     """The SPEC 6 goals with the measured value and whether each is met (missing: not met)."""
     goals = {}
-    for section, key, op, bound in GOALS:
+    measured = [goal for goal in MEASURED_ONLY_GOALS if goal[0] in result]
+    for section, key, op, bound in GOALS + tuple(measured):
         value = result.get(section, {}).get(key)
         met = value is not None and (value <= bound if op == "<=" else value >= bound)
         goals[f"{section}.{key}"] = {"value": value, "goal": f"{op} {bound:g}", "met": bool(met)}
@@ -692,6 +820,7 @@ _SECTION_FUNCTIONS = {
     "head_training": bench_head_training,
     "unfreeze_last_block": bench_unfreeze_last_block,
     "tuner_trial": bench_tuner_trial,
+    "predict_memory": bench_predict_memory,
 }
 
 
@@ -736,6 +865,7 @@ def run_bench(quick=False, out=None, progress=True, tiny=False, sections=None,
                          f"(choose from {', '.join(SECTIONS)})")
     preset = _preset_name(quick, tiny)
     cfg = PRESETS[preset]
+    chosen = tuple(s for s in chosen if s in cfg)  # a preset may leave a slow section out
     started = time.perf_counter()
     previous_policy = keras.mixed_precision.global_policy().name
     if _mixed_precision(mixed_precision):
@@ -849,6 +979,14 @@ def format_bench(result):
                     (fig["images_per_second_min"], fig["images_per_second_max"]),
                     f"{fig['share_of_matmul_limit']:.0%} of matmul GFLOP/s")
         add("dense matmul (GFLOP/s, float32)", thr["matmul"]["limit_gflops"])
+    mem = result.get("predict_memory")
+    if mem:
+        for n in mem["counts"]:
+            add(f"karyo predict peak RSS, {n:,} karyograms at {mem['image_size']}px (MB)", mem["peak_rss_mb"][str(n)],
+                goal=goal_text("predict_memory.peak_rss_mb_at_most_images") if n == mem["counts"][-1] else "")
+        add(f"  streamed / in-memory throughput at {mem['counts'][0]:,} (in-memory peak "
+            f"{mem['in_memory_peak_rss_mb']:,.0f} MB)", mem["throughput_vs_in_memory"],
+            goal=goal_text("predict_memory.throughput_vs_in_memory"), unit="x")
     syn = result.get("synth_render")
     if syn:
         if syn.get("available"):

@@ -23,15 +23,18 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'is_image_path',
         ],
         'leakage': [
-            'hash_bits', 'perceptual_hash', 'hash_files', 'hamming_distances', 'near_duplicates', 'check_leakage',
-            'leakage_summary', 'write_pairs',
+            'hash_bits', 'perceptual_hash', 'hash_files', 'file_hashes', 'hamming_distances', 'near_duplicates',
+            'check_leakage', 'leakage_summary', 'write_pairs',
         ],
         'manifest': [
             'Manifest', 'class_names', 'sha256_file', 'check_relative', 'read_manifest', 'write_manifest',
-            'default_labels', 'verify_manifest', 'file_problem', 'check_manifest', 'check_output_folder',
-            'import_folder',
+            'default_labels', 'verify_manifest', 'file_problem', 'check_manifest', 'check_run_data',
+            'check_output_folder', 'import_folder',
         ],
-        'pipeline': ['load_images', 'load_paths', 'label_indices', 'make_dataset', 'steps_per_epoch'],
+        'pipeline': [
+            'load_images', 'load_paths', 'stream_rows', 'stream_paths', 'label_indices', 'make_dataset',
+            'steps_per_epoch',
+        ],
         'splits': ['split_groups', 'split_rows', 'thesis_split', 'straddling_groups'],
     },
 )

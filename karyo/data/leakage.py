@@ -47,7 +47,10 @@ those pairs within 0.10 of each other). An exact copy is 0. Small images hash le
 160 px (``karyo reproduce --preset quick``) 99 % of copies fall within 0.10 and no distinct
 karyogram does (smallest 0.184); at 96 px the chromosomes are 1-2 px wide, noise and saturation
 erase them, and only 65 % of the image-copy pairs (27 % of copy-copy pairs) are caught;
-distinct karyograms are still never flagged (smallest 0.165).
+distinct karyograms are still never flagged (smallest 0.165). Below that the hash fails both
+ways: at 64 px 45 % of distinct synthetic pairs fall within 0.10. A grouped split therefore
+refuses pairs of images smaller than :data:`MIN_REFUSE_SIDE` (128 px) only when their pixels are
+identical, and warns about the others (docs/reliability.md has the measurements per size).
 
 The hash compares whole pictures, so it cannot tell one cell from the same cell with one small
 chromosome added: a synthetic 46,XY and the same rendering (same random stream) with an extra
@@ -67,6 +70,7 @@ from karyo.atomic import atomic_write_text
 from karyo.data.imageio import decode_image
 from karyo.data.splits import PARTS, PROTOCOLS
 from karyo.errors import KaryoError, SplitError
+from karyo.models.features import image_digest
 
 #: Side of the thumbnail whose DCT is taken.
 HASH_SIZE = 96
@@ -86,6 +90,11 @@ PAPER_SHARE = 0.75
 WORK_SIDE = thesis.IMAGE_SIZE
 #: Largest share of differing bits at which two images count as near-identical; see the table above.
 DEFAULT_THRESHOLD = 0.10
+#: Smallest side (px) of the stored images at which a grouped split refuses a pair. Below it the
+#: hash cannot tell distinct karyograms from copies (synthetic G-band, 146 cells: distinct pairs
+#: as close as 0.017 at 72 px, 0.089 at 80 px, 0.121 at 96 px; 0.194 at 128 px), so such pairs
+#: are only warned about. Measured by ``scripts/leakage_study.py --sizes``; see docs/reliability.md.
+MIN_REFUSE_SIDE = 128
 #: Pairs kept in a :func:`check_leakage` summary (the counts cover all of them).
 SUMMARY_PAIRS = 20
 
@@ -141,14 +150,24 @@ def perceptual_hash(image):
 
 
 def hash_files(paths, progress=False):
-    """Perceptual hashes of image files, one row per file.
+    """Perceptual hashes of image files, one row per file (see :func:`file_hashes`)."""
+    return file_hashes(paths, progress)[0]
+
+
+def file_hashes(paths, progress=False):
+    """Perceptual hashes of image files at their own resolution, and each file's shorter side.
+
+    The hash is always taken from the stored pixels, never from a model's (smaller) input: a
+    416 px file trained at 32 px is still hashed at 416 px.
 
     Args:
         paths: image files (read with :func:`karyo.data.imageio.decode_image` at their own size).
         progress: show a tqdm progress bar.
 
     Returns:
-        Boolean array of shape (len(paths), :func:`hash_bits`).
+        ``(hashes, sides, digests)``: boolean array of shape (len(paths), :func:`hash_bits`), an
+        int array of each image's shorter side in pixels (see :data:`MIN_REFUSE_SIDE`), and the
+        sha256 of each image's decoded pixels (:func:`karyo.features.image_digest`).
 
     Raises:
         ImageError: a file is missing or not an image (the message names it).
@@ -156,14 +175,19 @@ def hash_files(paths, progress=False):
 
     paths = list(paths)
     out = np.zeros((len(paths), hash_bits()), dtype=bool)
+    sides = np.zeros(len(paths), dtype=np.int64)
+    digests = []
     iterator = paths
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(paths, desc="leakage hashes", unit="img")
     for i, path in enumerate(iterator):
-        out[i] = perceptual_hash(decode_image(path))
-    return out
+        image = decode_image(path)
+        sides[i] = min(image.shape[:2])
+        digests.append(image_digest(image))
+        out[i] = perceptual_hash(image)
+    return out, sides, digests
 
 
 def hamming_distances(a, b):
@@ -227,10 +251,7 @@ def near_duplicates(rows, root, threshold=DEFAULT_THRESHOLD, progress=False, has
     """
     _check_threshold(threshold)
     rows = list(rows)
-    for row in rows:
-        if row.get("split") not in PARTS:
-            raise SplitError(f"{row.get('path', '<no path>')}: split '{row.get('split', '')}' is not one of "
-                             f"{', '.join(PARTS)}")
+    _check_splits(rows)
     if hashes is None:
         hashes = hash_files([Path(root) / row["path"] for row in rows], progress=progress)
     index = {part: [i for i, row in enumerate(rows) if row["split"] == part] for part in PARTS}
@@ -260,30 +281,62 @@ def check_leakage(manifest, protocol, threshold=DEFAULT_THRESHOLD, progress=Fals
     Returns:
         JSON-ready dict: ``protocol``, ``threshold``, ``hash``, ``pairs`` (count),
         ``parts`` (per part: ``images``, ``with_train_match``, and ``with_val_match`` for test),
-        ``examples`` (the closest pairs), ``warning`` (text under ``thesis`` when pairs exist,
-        else ``None``).
+        ``examples`` (the closest pairs), ``smallest_side`` (px), ``small_image_pairs`` (pairs
+        below :data:`MIN_REFUSE_SIDE`), ``warning`` (text when pairs exist under ``thesis``, or
+        small-image pairs under ``grouped``, else ``None``).
+
+    Pairs of images whose shorter side is below :data:`MIN_REFUSE_SIDE` are refused only when
+    their pixels are identical: there the hash cannot tell distinct karyograms from augmented
+    copies, so other such pairs only give a warning.
 
     Raises:
-        SplitError: under ``grouped``, any pair (the message gives the count, the closest pair's
-            two files and distance, and what to fix; the error's ``pairs`` attribute holds them
-            all, for :func:`write_pairs`); an unknown protocol or a missing split.
+        SplitError: under ``grouped``, any pair of images of at least :data:`MIN_REFUSE_SIDE` px,
+            or of identical pixels (the message gives the count, the closest such pair's two files
+            and distance, and what to fix; the error's ``pairs`` attribute holds every pair, for
+            :func:`write_pairs`); an unknown protocol or a missing split.
     """
     if protocol not in PROTOCOLS:
         raise SplitError(f"unknown split protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
     rows = manifest.rows
-    pairs = near_duplicates(rows, manifest.root, threshold, progress)
+    _check_threshold(threshold)
+    _check_splits(rows)  # before reading any image
+    hashes, sides, digests = file_hashes([Path(manifest.root) / row["path"] for row in rows], progress)
+    pairs = near_duplicates(rows, manifest.root, threshold, hashes=hashes)
     summary = leakage_summary(rows, pairs, protocol, threshold)
-    if pairs and protocol == "grouped":
-        part_a, path_a, part_b, path_b, distance = pairs[0]
-        source = manifest.source or manifest.root
+    side_of = {row["path"]: int(side) for row, side in zip(rows, sides)}
+    digest_of = {row["path"]: digest for row, digest in zip(rows, digests)}
+
+    def certain(pair):  # identical pixels are a copy at any size
+        a, b = pair[1], pair[3]
+        return min(side_of[a], side_of[b]) >= MIN_REFUSE_SIDE or digest_of[a] == digest_of[b]
+
+    small = [p for p in pairs if not certain(p)]
+    sure = [p for p in pairs if certain(p)]
+    summary["smallest_side"] = int(sides.min()) if len(sides) else None
+    summary["small_image_pairs"] = len(small)
+    source = manifest.source or manifest.root
+    if sure and protocol == "grouped":
+        part_a, path_a, part_b, path_b, distance = sure[0]
         error = SplitError(
-            f"{source}: {len(pairs)} near-identical image pair(s) straddle the grouped split, "
+            f"{source}: {len(sure)} near-identical image pair(s) straddle the grouped split, "
             f"e.g. {path_a} ({part_a}) and {path_b} ({part_b}), hash distance {distance:.3f} "
             f"<= {threshold:.2f}; give near-identical images the same value in the 'group' column "
             "(or remove the duplicates) so that they fall in one part"
         )
         error.pairs = pairs
         raise error
+    if small:
+        part_a, path_a, part_b, path_b, distance = small[0]
+        side = min(side_of[path_a], side_of[path_b])
+        why = (f"the images are {side} px, below the {MIN_REFUSE_SIDE} px at which the hash tells distinct "
+               "karyograms from augmented copies")
+        if protocol == "grouped":
+            summary["warning"] = (
+                f"{source}: {len(small)} image pair(s) across the grouped split look alike, e.g. {path_a} "
+                f"({part_a}) and {path_b} ({part_b}), hash distance {distance:.3f} <= {threshold:.2f}, but "
+                f"{why}: not refused; make sure copies of one karyogram share a 'group' value")
+        else:
+            summary["warning"] += f" ({len(small)} pair(s) are unreliable: {why})"
     return summary
 
 
@@ -341,6 +394,13 @@ def write_pairs(path, pairs):
 def _percent(part):
     n = part["images"]
     return f"{100.0 * part['with_train_match'] / n:.1f} %" if n else "0 %"
+
+
+def _check_splits(rows):
+    for row in rows:
+        if row.get("split") not in PARTS:
+            raise SplitError(f"{row.get('path', '<no path>')}: split '{row.get('split', '')}' is not one of "
+                             f"{', '.join(PARTS)}")
 
 
 def _check_threshold(threshold):

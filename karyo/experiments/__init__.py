@@ -12,25 +12,50 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['chromosomes', 'figures', 'registry', 'report', 'reproduce', 'runs', 'training', 'transfer', 'tuning'],
+    submodules=[
+        'chromosomes',
+        'figures',
+        'fit',
+        'hypermodel',
+        'registry',
+        'report',
+        'reproduce',
+        'runs',
+        'training',
+        'transfer',
+        'tuner',
+        'tuning',
+    ],
     submod_attrs={
         'chromosomes': ['split_by_case', 'chromosome_metrics', 'train_chromosome_classifier'],
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
             'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
         ],
-        'registry': ['ThesisResult', 'Experiment', 'list_experiments', 'get_experiment'],
+        'fit': [
+            'FitConfig', 'two_phase_fit', 'seed_generators', 'read_backup_state', 'epoch_seeding', 'phase_callbacks',
+            'compile_model', 'fit_part', 'read_history', 'write_history',
+        ],
+        'hypermodel': [
+            'batch_size_choices', 'unfreeze_choices', 'unfreeze_value', 'compile_trial', 'fit_trial',
+            'KaryogramHyperModel',
+        ],
+        'registry': ['Experiment', 'list_experiments', 'get_experiment'],
         'report': ['collect_runs', 'write_report'],
         'reproduce': ['Preset', 'get_preset', 'run_dir', 'reproduce'],
         'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
         'training': [
-            'default_cache_dir', 'is_complete', 'prepare_data', 'environment', 'read_json', 'seed_generators',
-            'read_backup_state', 'epoch_seeding', 'fit_part', 'train_model', 'write_history', 'train_experiment',
+            'default_cache_dir', 'is_complete', 'prepare_data', 'environment', 'read_json', 'train_model',
+            'print_warning', 'train_experiment',
         ],
         'transfer': [
             'target_holdout_groups', 'two_step', 'check_inputs', 'write_comparison', 'comparison_markdown',
             'cross_stain',
         ],
-        'tuning': ['batch_size_choices', 'unfreeze_choices', 'read_trials', 'tune'],
+        'tuner': [
+            'search_role', 'check_search_extras', 'trial_record_path', 'trial_order', 'one_line', 'SearchOracle',
+            'SearchTuner', 'SearchFailed',
+        ],
+        'tuning': ['read_trials', 'tune'],
     },
 )

@@ -7,6 +7,7 @@ same way, its members' mean probabilities taking the place of the passes, so MC 
 ensembles compare side by side.
 """
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from karyo.atomic import atomic_write_text
 from karyo.data.imageio import is_image_path
 from karyo.data.manifest import KARYOGRAM_LABELS, read_manifest
-from karyo.data.pipeline import label_indices, load_images, load_paths
+from karyo.data.pipeline import label_indices, stream_paths, stream_rows
 from karyo.errors import KaryoError
 from karyo.experiments import figures
 from karyo.models.saving import load_model
@@ -82,14 +83,31 @@ def pooled_passes(models, images, passes=100, seed=0, batch_size=32):
 
     One model: ``passes`` MC Dropout passes (the backbone runs once, the head T times). An
     ensemble: each member's MC mean probability is one "pass" (T = number of members).
+
+    Args:
+        images: one array (N, H, W, 3), or an iterable of such arrays read one after the other
+            (:func:`karyo.pipeline.stream_rows`); every chunk but the last must hold a multiple
+            of ``batch_size`` images, so that the dropout masks are those of one array.
     """
 
-    if len(models) == 1:
-        return mc_predict(models[0], images, T=passes, batch_size=batch_size, seed=seed)
-    return np.stack([
-        mc_predict(m, images, T=passes, batch_size=batch_size, seed=seed + i).mean(axis=0)
-        for i, m in enumerate(models)
-    ])
+    chunks = [images] if isinstance(images, np.ndarray) else images
+    out = []
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        # The masks are rewound once, before the first image; later chunks continue the stream.
+        first = not out
+        if len(models) == 1:
+            out.append(mc_predict(models[0], chunk, T=passes, batch_size=batch_size,
+                                  seed=seed if first else None))
+        else:
+            out.append(np.stack([
+                mc_predict(m, chunk, T=passes, batch_size=batch_size, seed=seed + i if first else None).mean(axis=0)
+                for i, m in enumerate(models)
+            ]))
+    if not out:
+        return np.empty((passes if len(models) == 1 else len(models), 0), np.float32)
+    return np.concatenate(out, axis=1)
 
 
 def _split_rows(run_dir, config):
@@ -119,10 +137,13 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
         members = load_models(run_dir)
     if rows is None:
         split_manifest, rows = _split_rows(run_dir, config)
-        images = {p: load_images(split_manifest, r, size, progress, p) for p, r in rows.items()}
+        # Streamed: the test and training images are read chunk by chunk, never all at once.
+        images = {p: stream_rows(split_manifest, rows[p], size) for p in ("test", "train")}
         labels = {p: label_indices(r, KARYOGRAM_LABELS) for p, r in rows.items()}
 
     probs = pooled_passes(members, images["test"], passes, seed)
+    # Before anything is written: a damaged training image must leave the run folder unchanged.
+    train_probs = pooled_passes(members, images["train"], min(passes, 20), seed).mean(axis=0)
     summary = summarize_passes(probs, threshold=threshold)
     test_rows = rows["test"]
     extra = {c: [r.get(c, "") for r in test_rows] for c in CONTEXT_COLUMNS if any(c in r for r in test_rows)}
@@ -132,7 +153,6 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
 
     metrics = compute_metrics(labels["test"], summary["mean_prob"], summary["pred"],
                               summary["confidence"], summary["refer"])
-    train_probs = pooled_passes(members, images["train"], min(passes, 20), seed).mean(axis=0)
     from sklearn.metrics import roc_auc_score
 
     metrics["train_auc"] = (float(roc_auc_score(labels["train"], train_probs))
@@ -190,10 +210,18 @@ def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0):
             files.append(path)
         else:
             problems.append((str(path), "file not found"))
-    images, good, bad = load_paths(files, config["experiment"]["image_size"])
-    problems += bad
-    if not good:
+    # Streamed: STREAM_CHUNK images in memory at a time, whatever the number of files.
+    chunks = stream_paths(files, config["experiment"]["image_size"], problems)
+    first = next(chunks, None)
+    if first is None:
         return [], problems
+    good = []
+
+    def images():
+        for chunk, paths in itertools.chain([first], chunks):
+            good.extend(paths)
+            yield chunk
+
     models = load_models(run_dir)
-    summary = summarize_passes(pooled_passes(models, images, passes, seed), threshold=threshold)
+    summary = summarize_passes(pooled_passes(models, images(), passes, seed), threshold=threshold)
     return predictions_table([str(p) for p in good], None, summary, class_names=KARYOGRAM_LABELS), problems

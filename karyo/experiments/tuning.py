@@ -79,6 +79,7 @@ import io
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import keras
@@ -100,6 +101,7 @@ from karyo.models.features import cached_features
 from karyo.models.network import build_backbone, build_model, DEFAULT_DENSE_UNITS, DEFAULT_DROPOUT, split_model
 from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE
 from karyo.models.weights import resolve_weights, weights_identity
+from karyo.data.leakage import check_leakage
 
 #: keras-tuner's project folder inside ``out_dir``.
 PROJECT_NAME = "keras_tuner"
@@ -323,6 +325,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
                               progress=progress and verbose == 0)
     if overwrite and role != "worker" and out_dir.exists():
         _clear(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
@@ -330,6 +333,16 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     with _file_lock(data_dir / ".prepare.lock"):
         prepared = prepare_data(manifest, augmented, protocol, seed, data_dir,
                                 progress=progress and verbose == 0)
+    # The same guard as train's: a near-copy of a validation image in the training part makes
+    # the search pick what memorises best. Refused under grouped (nothing is left behind).
+    try:
+        leakage = check_leakage(prepared, protocol, progress=progress and verbose == 0)
+    except KaryoError:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if leakage["warning"] and role != "worker":
+        print(f"karyo: warning: {leakage['warning']}", file=sys.stderr)
     parts = {p: [r for r in prepared.rows if r["split"] == p] for p in ("train", "val")}
     for part, members in parts.items():
         if not members:

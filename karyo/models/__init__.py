@@ -19,7 +19,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'Block', 'Backbone', 'list_backbones', 'get_backbone', 'check_image_size', 'BlockSpan', 'layer_graph',
             'cut_points', 'block_spans',
         ],
-        'features': ['image_digest', 'model_fingerprint', 'cache_key', 'cached_features'],
+        'features': [
+            'image_digest', 'model_fingerprint', 'cache_key', 'read_entry', 'entry_bytes', 'cached_features',
+        ],
         'layers': ['MCDropout', 'Preprocess'],
         'network': [
             'build_head', 'build_model', 'model_backbone_name', 'backbone_blocks', 'part', 'n_blocks_arg',

@@ -7,7 +7,8 @@ trains on the cached tensors, epoch after epoch and trial after trial (keras-tun
 Layout::
 
     cache_dir/<key>/key.json            what the key is made of (for people)
-    cache_dir/<key>/<image sha256>.npy  the frozen part's output for one image (float32)
+    cache_dir/<key>/<image sha256>.npy  the frozen part's output for one image (float32), then
+                                        a 40-byte trailer: b"karyosha" + sha256 of the .npy bytes
 
 ``<key>`` is a hash of the caller's ``key_parts`` (backbone name, weights identity such as
 ``imagenet`` / ``none:seed=0`` / a weights file's sha256, image size, split point ...) together
@@ -17,8 +18,11 @@ parts forget something (an unseeded random initialisation gets a new key every t
 are keyed by the sha256 of their pixels, so adding images reuses the rest.
 
 Every file is written atomically (temporary file + rename): several processes (keras-tuner
-workers) may fill the same cache at once; at worst two of them compute the same image and the
-last identical file wins. An unreadable entry is recomputed.
+workers, two ``karyo train`` runs) may fill the same cache at once; at worst two of them compute
+the same image and the last identical file wins (a backbone's output for an image does not
+depend on the other images of its batch: measured bit-identical on VGG16). Every entry is
+verified when read (checksum, shape, dtype): a truncated or corrupted one is recomputed, and
+one line on standard error says how many were.
 
 Disk use: pooled features are small (VGG16: 2 KB per image); the output of a partly frozen
 network is not (VGG16 ``block4_pool`` at 416 pixels: 26 x 26 x 512 floats, 1.4 MB per image).
@@ -28,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,18 +92,44 @@ def _jsonable(value):
         return str(value)
 
 
-def _load(path, shape):
+#: Ends every cache entry: this tag and the sha256 of the ``.npy`` bytes before it.
+TRAILER_TAG = b"karyosha"
+TRAILER_SIZE = len(TRAILER_TAG) + 32
+
+
+def read_entry(path, shape):
+    """One cache entry's features, verified against its checksum and the expected shape.
+
+    Returns:
+        ``(value, problem)``: the float32 array and ``None``, or ``None`` and why the entry
+        cannot be used (``"missing"``, ``"truncated"``, ``"checksum mismatch"``, ...).
+    """
     try:
-        value = np.load(path, allow_pickle=False)
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    body, tag, checksum = data[:-TRAILER_SIZE], data[-TRAILER_SIZE:-32], data[-32:]
+    if len(data) < TRAILER_SIZE or tag != TRAILER_TAG:
+        return None, "truncated or without checksum"
+    if hashlib.sha256(body).digest() != checksum:
+        return None, "checksum mismatch"
+    try:
+        value = np.load(io.BytesIO(body), allow_pickle=False)
     except (OSError, ValueError, EOFError):
-        return None  # missing or damaged: recompute
-    return value if value.shape == shape and value.dtype == np.float32 else None
+        return None, "not a .npy array"
+    if value.shape != tuple(shape) or value.dtype != np.float32:
+        return None, f"holds {value.dtype} {value.shape}, not float32 {tuple(shape)}"
+    return value, None
 
 
-def _npy_bytes(array):
+def entry_bytes(array):
+    """A cache entry: the array as ``.npy`` bytes, then :data:`TRAILER_TAG` and their sha256."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
+    body = buffer.getvalue()
+    return body + TRAILER_TAG + hashlib.sha256(body).digest()
 
 
 def cached_features(frozen_part, images_uint8, key_parts, cache_dir, batch_size=32, progress=True):
@@ -133,12 +164,21 @@ def cached_features(frozen_part, images_uint8, key_parts, cache_dir, batch_size=
     folder = Path(cache_dir) / key
     digests = [image_digest(image) for image in images]
     missing = {}  # digest -> first index; duplicates are computed once
+    damaged = {}
     for i, digest in enumerate(digests):
-        value = _load(folder / f"{digest}.npy", out_shape)
+        value, problem = read_entry(folder / f"{digest}.npy", out_shape)
         if value is None:
             missing.setdefault(digest, i)
+            if problem != "missing":
+                damaged.setdefault(digest, problem)
         else:
             result[i] = value
+    if damaged:
+        # Another program's crash, a full disk or a bad copy: recomputed below, said once.
+        digest, problem = next(iter(damaged.items()))
+        print(f"karyo: warning: feature cache {folder}: {len(damaged)} damaged entr"
+              f"{'y' if len(damaged) == 1 else 'ies'} recomputed (e.g. {digest[:12]}.npy: {problem})",
+              file=sys.stderr)
     if missing:
         _compute(frozen_part, images, missing, folder, description, result, batch_size, progress)
         first = {digest: result[i] for digest, i in missing.items()}
@@ -167,7 +207,7 @@ def _compute(frozen_part, images, missing, folder, description, result, batch_si
         for (digest, i), value in zip(chunk, values):
             result[i] = value
             try:
-                atomic_write_bytes(folder / f"{digest}.npy", _npy_bytes(value))
+                atomic_write_bytes(folder / f"{digest}.npy", entry_bytes(value))
             except OSError as exc:
                 raise KaryoError(f"{folder}: cannot write the feature cache "
                                  f"({exc.strerror or exc})") from None
