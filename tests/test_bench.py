@@ -187,3 +187,27 @@ def test_mixed_precision_flag_from_the_environment(monkeypatch):
     assert bench._mixed_precision(False) is False
     monkeypatch.setenv(bench.MIXED_PRECISION_ENV, "0")
     assert bench._mixed_precision(None) is False
+
+
+def test_reproduce_overhead_times_training_and_prediction_and_restores_them(monkeypatch, tmp_path):
+    """The section's arithmetic on a stand-in reproduction: 0.2 s training, 0.1 s prediction."""
+    import time
+
+    from karyo.experiments import hypermodel, runs, training
+
+    originals = (training.train_model, hypermodel.fit_trial, runs.pooled_passes)
+
+    def fake_reproduce(out, **kwargs):
+        training.train_model()  # the timed stand-ins below, called through the module
+        runs.pooled_passes()
+        time.sleep(0.2)  # outside training and prediction
+
+    monkeypatch.setattr(training, "train_model", lambda *a, **k: time.sleep(0.2))
+    monkeypatch.setattr(runs, "pooled_passes", lambda *a, **k: time.sleep(0.1))
+    monkeypatch.setattr(bench, "reproduce", fake_reproduce)
+    patched = (training.train_model, runs.pooled_passes)
+    figures = bench.bench_reproduce_overhead({"preset": "tiny"}, None, tmp_path)
+    assert figures["train_seconds"] >= 0.2 and figures["predict_seconds"] >= 0.1
+    assert 0.25 < figures["share_outside_training_and_prediction"] < 0.6
+    assert (training.train_model, runs.pooled_passes) == patched  # the timers are removed again
+    assert hypermodel.fit_trial is originals[1]

@@ -52,14 +52,17 @@ from pathlib import Path
 
 import numpy as np
 
-from karyo import thesis
-from karyo import __version__
+from karyo import __version__, thesis
 from karyo.atomic import atomic_write_text
 from karyo.data.imageio import resize
 from karyo.data.manifest import read_manifest
 from karyo.data.pipeline import load_images, make_dataset
 from karyo.errors import KaryoError
+from karyo.experiments import hypermodel as hypermodel_module
+from karyo.experiments import runs as runs_module
+from karyo.experiments import training as training_module
 from karyo.experiments.fit import compile_model
+from karyo.experiments.reproduce import reproduce
 from karyo.karyograms.synth import synthesize
 from karyo.models.features import cached_features
 from karyo.models.network import build_backbone, build_head, build_model, split_model
@@ -96,7 +99,7 @@ MEASURED_ONLY_GOALS = (
 
 #: The order in which :func:`run_bench` measures (and reports) its sections.
 SECTIONS = ("synth_render", "backbone_throughput", "mc_dropout", "head_training",
-            "unfreeze_last_block", "tuner_trial", "predict_memory")
+            "unfreeze_last_block", "tuner_trial", "predict_memory", "reproduce_overhead")
 
 #: What each preset measures. ``size``: image side in pixels, ``images``: how many,
 #: ``repeats``: timed repeats after the warm-up. ``quick`` uses 128 px for the ratios (the
@@ -122,6 +125,7 @@ PRESETS = {
         # Not in ``quick``: decoding 7,500 files of 416 px takes minutes.
         "predict_memory": {"size": THESIS_SIZE, "counts": (500, 2000, 5000), "T": MC_PASSES,
                            "repeats": 3},
+        "reproduce_overhead": {"preset": "tiny"},
     },
     "quick": {
         "synth_render": {"normal": ALPHA_NORMAL, "abnormal": ALPHA_ABNORMAL, "size": THESIS_SIZE,
@@ -137,6 +141,7 @@ PRESETS = {
                                 "batch_size": THESIS_BATCH, "repeats": 5},
         "tuner_trial": {"backbone": "vgg16", "size": 128, "images": 64, "epochs": 2,
                         "repeats": 3},
+        "reproduce_overhead": {"preset": "tiny"},
     },
     "tiny": {
         "synth_render": {"normal": 2, "abnormal": 2, "size": 64, "repeats": 2},
@@ -801,6 +806,42 @@ def _load_average():
         return None
 
 
+def bench_reproduce_overhead(cfg, images, folder):
+    """Share of ``karyo reproduce``'s wall time spent outside training and prediction.
+
+    Runs ``reproduce`` (preset ``cfg["preset"]``, offline weights ``none`` so that nothing is
+    downloaded or pretrained) with timers around the functions that train (``train_model``, the
+    search's ``fit_trial``) and predict (``pooled_passes``): the rest is checking and decoding
+    data, the leakage guard, the split, writing files and the report. ``images`` is not used.
+    """
+    timed = {"train": 0.0, "predict": 0.0}
+    patches = ((training_module, "train_model", "train"), (hypermodel_module, "fit_trial", "train"),
+               (runs_module, "pooled_passes", "predict"))
+    originals = [getattr(module, name) for module, name, _ in patches]
+
+    def timer(function, kind):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timed[kind] += time.perf_counter() - start
+        return wrapped
+
+    for (module, name, kind), original in zip(patches, originals):
+        setattr(module, name, timer(original, kind))
+    try:
+        start = time.perf_counter()
+        reproduce(Path(folder) / "reproduce", preset=cfg["preset"], weights="none", log=lambda *a: None)
+        total = time.perf_counter() - start
+    finally:
+        for (module, name, _), original in zip(patches, originals):
+            setattr(module, name, original)
+    inside = timed["train"] + timed["predict"]
+    return {"preset": cfg["preset"], "seconds": total, "train_seconds": timed["train"],
+            "predict_seconds": timed["predict"], "share_outside_training_and_prediction": 1 - inside / total}
+
+
 def evaluate_goals(result):
     """The SPEC 6 goals with the measured value and whether each is met (missing: not met)."""
     goals = {}
@@ -821,6 +862,7 @@ _SECTION_FUNCTIONS = {
     "unfreeze_last_block": bench_unfreeze_last_block,
     "tuner_trial": bench_tuner_trial,
     "predict_memory": bench_predict_memory,
+    "reproduce_overhead": bench_reproduce_overhead,
 }
 
 
@@ -987,6 +1029,10 @@ def format_bench(result):
         add(f"  streamed / in-memory throughput at {mem['counts'][0]:,} (in-memory peak "
             f"{mem['in_memory_peak_rss_mb']:,.0f} MB)", mem["throughput_vs_in_memory"],
             goal=goal_text("predict_memory.throughput_vs_in_memory"), unit="x")
+    over = result.get("reproduce_overhead")
+    if over:
+        add(f"karyo reproduce --preset {over['preset']}: share of wall time outside training and "
+            f"prediction ({over['seconds']:.0f} s)", 100 * over["share_outside_training_and_prediction"], unit=" %")
     syn = result.get("synth_render")
     if syn:
         if syn.get("available"):
