@@ -284,3 +284,21 @@ def read_slots(image, name="<array>"):
 def slot_counts(readings):
     """``{slot: count}`` of a :func:`read_slots` result."""
     return {r.slot: r.count for r in readings}
+
+
+def expected_counts(counts):
+    """``{slot: expected count}`` given the counts seen: 2 per autosome, sex from the Y slot.
+
+    A karyogram with a Y is read as male (one X, one Y expected), one without as female (two X):
+    45,X then shows one X missing, 47,XXY one X too many, 47,XYY one Y too many.
+    """
+    male = counts.get("Y", 0) >= 1
+    expected = {slot: 2 for slot in SLOTS[:22]}
+    expected.update({"X": 1, "Y": 1} if male else {"X": 2, "Y": 0})
+    return expected
+
+
+def count_deviations(counts):
+    """``{slot: count - expected}`` (see :func:`expected_counts`)."""
+    expected = expected_counts(counts)
+    return {slot: int(counts.get(slot, 0)) - expected[slot] for slot in SLOTS}
