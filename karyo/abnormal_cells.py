@@ -36,6 +36,7 @@ from karyo.errors import KaryoError
 from karyo.karyotype import ACROCENTRIC
 from karyo.layout import SLOTS, WHITE, arrange_karyogram
 from karyo.slots import count_deviations
+from karyo.splits import split_rows
 
 #: Kinds of change, numerical first.
 NUMERICAL = ("extra", "missing")
@@ -184,3 +185,16 @@ def cell_slot_labels(cells_dir, cell):
     """``{slot: 0/1}`` of a real cell from its crop counts (count deviations only)."""
     crops, _ = prepare_cell(cells_dir, cell)
     return slot_labels({s: len(crops.get(s, [])) for s in SLOTS})
+
+
+def split_cells(rows, seed=0):
+    """``{part: [cell, ...]}`` of manifest rows (``cell``, ``label``, ``group`` = case), split by case.
+
+    Uses ``karyo.splits.split_rows`` (grouped, stratified by label), so no case is in two parts;
+    build abnormal training karyograms from the ``train`` cells only.
+    """
+    parts = split_rows(rows, protocol="grouped", seed=seed)
+    out = {"train": [], "val": [], "test": []}
+    for row, part in zip(rows, parts):
+        out[part].append(row["cell"])
+    return out
