@@ -28,7 +28,7 @@ import numpy as np
 from karyo.abnormal_cells import KINDS, abnormal_karyogram, slot_labels
 from karyo.assemble import prepare_cell
 from karyo.atomic import atomic_write_bytes, atomic_write_text
-from karyo.detector import compact, fit_detector, predict_passes, combine_slots
+from karyo.detector import calibrate_decision, combine_slots, compact, fit_detector, predict_passes, save_detector
 from karyo.slots import read_slots
 from karyo.splits import split_rows
 
@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--T", type=int, default=100)
     ap.add_argument("--stage", choices=["readings", "all"], default="all")
     ap.add_argument("--out", default="detector_study.json")
+    ap.add_argument("--save-dir", help="save each seed's fitted detector in SAVE_DIR/seed<k>")
+    ap.add_argument("--verbose", type=int, default=0)
+    ap.add_argument("--balance", action="store_true", help="weight abnormal slots up (class balance)")
     args = ap.parse_args()
 
     rows = list(csv.DictReader(open(args.manifest)))
@@ -126,7 +129,8 @@ def main():
                 train_y.append(lab)
                 train_n.append(False)
         t0 = time.time()
-        det = fit_detector(train_r, train_y, normal=train_n, epochs=args.epochs, seed=seed)
+        det = fit_detector(train_r, train_y, normal=train_n, epochs=args.epochs, seed=seed,
+                           balance=args.balance, verbose=args.verbose)
         fit_s = time.time() - t0
         out = {"fit_seconds": fit_s, "n_train_karyograms": len(train_r)}
 
@@ -136,11 +140,12 @@ def main():
             score = combine_slots(sp, how).mean(axis=0)
             y = np.array([int(r["label"] == "abnormal") for r in real_part])
             res = {"aneuploid": roc_numbers(y, score)}
-            pred = score >= 0.5
+            pred = score >= det.decision
             res["aneuploid"].update({
                 "n_abnormal": int(y.sum()), "n_normal": int(len(y) - y.sum()),
-                "fpr_at_0.5": float(pred[y == 0].mean()),
-                "recall_at_0.5": float(pred[y == 1].mean()) if y.sum() else None,
+                "decision": det.decision,
+                "fpr_at_decision": float(pred[y == 0].mean()),
+                "recall_at_decision": float(pred[y == 1].mean()) if y.sum() else None,
                 "missed": [r["cell"] + " " + r["karyotype"] for r, p_, t in zip(real_part, pred, y) if t and not p_],
                 "false_pos": [r["cell"] for r, p_, t in zip(real_part, pred, y) if p_ and not t]})
             normals = {r["cell"] for r in real_part if r["label"] == "normal"}
@@ -151,7 +156,7 @@ def main():
                 ks = combine_slots(ksp, how).mean(axis=0)
                 yy = [0] * len(normal_score) + [1] * len(ks)
                 res[kind] = roc_numbers(yy, np.concatenate([normal_score, ks]))
-                res[kind]["recall_at_0.5"] = float(np.mean(ks >= 0.5))
+                res[kind]["recall_at_decision"] = float(np.mean(ks >= det.decision))
                 res[kind]["n"] = len(ks)
             return res
 
@@ -163,7 +168,16 @@ def main():
         chosen = max(("max", "noisy_or"), key=lambda h: mean_auc(val[h]))
         out["val_mean_auc"] = {h: mean_auc(val[h]) for h in val}
         out["combine"] = chosen
+        det.combine = chosen
+        # the operating point: 5 % of the validation part's normal cells flagged (never the test part)
+        calibrate_decision(det, [real[r["cell"]] for r in rows if part[r["cell"]] == "val" and r["label"] == "normal"],
+                           fpr=0.05, T=args.T, seed=seed)
+        out["decision"] = det.decision
         out["test"] = evaluate("test", chosen)
+        if args.save_dir:
+            save_detector(det, Path(args.save_dir) / f"seed{seed}")
+            atomic_write_text(Path(args.save_dir) / f"seed{seed}" / "split.json", json.dumps(
+                {p: sorted(c for c, q in part.items() if q == p) for p in ("train", "val", "test")}))
         results["seeds"][str(seed)] = out
         print(json.dumps({"seed": seed, **out}, indent=1), flush=True)
     atomic_write_text(args.out, json.dumps(results, indent=1))

@@ -154,3 +154,17 @@ def test_read_slots_counts_real_assembled_cells(shared_data):
         image, _, _ = assemble_cell(cells_dir, row["cell"], 416)
         expected = {s: len(v) for s, v in cell_crops(cells_dir, row["cell"]).items()}
         assert slot_counts(read_slots(image)) == expected, row["cell"]
+
+
+def test_calibrated_decision_flags_the_requested_share_of_normals(tiny_detector):
+    from karyo.detector import calibrate_decision, compact, predict_passes
+
+    normals = [compact(read_slots(render_karyogram(get(n), size=128, rng=np.random.default_rng(20 + i))))
+               for i, n in enumerate(["normal_xx", "normal_xy"] * 5)]
+    before = tiny_detector.decision
+    try:
+        decision = calibrate_decision(tiny_detector, normals, fpr=0.1, T=20, seed=0)
+        _, probs = predict_passes(tiny_detector, normals, T=20, seed=0)
+        assert 0.5 <= decision < 1 and (probs.mean(axis=0) > decision).mean() <= 0.1
+    finally:
+        tiny_detector.decision = before
