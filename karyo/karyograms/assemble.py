@@ -210,15 +210,15 @@ def upright(crop, background):
     return trim(turned, background)
 
 
-def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
-    """Lay one cell's crops out as a karyogram.
+def prepare_cell(cells_dir, cell, straighten=True):
+    """One cell's crops as the layout takes them: trimmed, turned upright, on their background.
 
     Returns:
-        ``(rgb uint8 image, number of crops, background level)``.
+        ``({slot: [gray uint8 crop, ...]}, background level)``.
 
     Raises:
         ImageError: a crop cannot be read (the message names the file).
-        ManifestError: the cell folder is missing or malformed.
+        ManifestError: the cell folder is missing, malformed or empty.
     """
     paths = cell_crops(cells_dir, cell)
     crops = {slot: [load_crop(p) for p in files] for slot, files in paths.items()}
@@ -232,8 +232,22 @@ def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
         if straighten:
             cs = [upright(c, background) for c in cs]
         prepared[slot] = cs
+    return prepared, background
+
+
+def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
+    """Lay one cell's crops out as a karyogram.
+
+    Returns:
+        ``(rgb uint8 image, number of crops, background level)``.
+
+    Raises:
+        ImageError: a crop cannot be read (the message names the file).
+        ManifestError: the cell folder is missing or malformed.
+    """
+    prepared, background = prepare_cell(cells_dir, cell, straighten)
     laid = arrange_karyogram(prepared, size, background=background)
-    return laid.image, len(every), background
+    return laid.image, sum(len(cs) for cs in prepared.values()), background
 
 
 def _file_name(text):
