@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from karyo.detector import load_detector, predict_karyograms
+from karyo.models.detector import load_detector, predict_karyograms
 
 
 def main():

@@ -2,10 +2,10 @@
 
 Stages (each cached in $KARYO_CACHE/detector_study):
 
-1. read every assembled karyogram of MANIFEST (``karyo.slots.read_slots``);
+1. read every assembled karyogram of MANIFEST (``karyo.karyograms.slots.read_slots``);
 2. build, from every normal cell, one abnormal karyogram of each kind in
-   ``karyo.abnormal_cells.KINDS`` (seeded by cell and kind) and read it;
-3. for each seed: split the real cells by case (``karyo.splits.split_rows``); fit the detector on
+   ``karyo.karyograms.abnormal_cells.KINDS`` (seeded by cell and kind) and read it;
+3. for each seed: split the real cells by case (``karyo.data.splits.split_rows``); fit the detector on
    the training part (real cells + the abnormal karyograms made from training cells only); choose
    max vs noisy-OR on the validation part; report on the test part: aneuploid AUC and recall at
    FPR <= 0.05, and AUC per structural kind against the test part's normal cells.
@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from karyo.abnormal_cells import KINDS, abnormal_karyogram, slot_labels
-from karyo.assemble import prepare_cell
+from karyo.karyograms.abnormal_cells import KINDS, abnormal_karyogram, slot_labels
+from karyo.karyograms.assemble import prepare_cell
 from karyo.atomic import atomic_write_bytes, atomic_write_text
-from karyo.detector import calibrate_decision, combine_slots, compact, fit_detector, predict_passes, save_detector
-from karyo.slots import read_slots
-from karyo.splits import split_rows
+from karyo.models.detector import (calibrate_decision, combine_slots, compact, fit_detector, predict_passes,
+                                   save_detector)
+from karyo.karyograms.slots import read_slots
+from karyo.data.splits import split_rows
 
 
 def cache_dir():
@@ -187,7 +188,7 @@ _CROP_COUNTS = {}
 
 
 def _crop_counts(cells_dir, cell):
-    from karyo.assemble import cell_crops
+    from karyo.karyograms.assemble import cell_crops
 
     if cell not in _CROP_COUNTS:
         _CROP_COUNTS[cell] = {s: len(v) for s, v in cell_crops(cells_dir, cell).items()}

@@ -9,8 +9,8 @@ import csv
 import sys
 from pathlib import Path
 
-from karyo.assemble import cell_crops
-from karyo.slots import read_slots, slot_counts
+from karyo.karyograms.assemble import cell_crops
+from karyo.karyograms.slots import read_slots, slot_counts
 
 
 def main(assembled, cells_dir):

@@ -5,12 +5,12 @@ import csv
 import numpy as np
 import pytest
 
-from karyo.abnormal_cells import KINDS, make_abnormal, slot_labels, split_cells
+from karyo.karyograms.abnormal_cells import KINDS, make_abnormal, slot_labels, split_cells
 from karyo.errors import KaryoError
-from karyo.karyotype import counts, get
-from karyo.layout import SLOTS, arrange_karyogram
-from karyo.slots import count_deviations, read_slots, slot_counts
-from karyo.synth import render_karyogram
+from karyo.karyograms.karyotype import counts, get
+from karyo.karyograms.layout import SLOTS, arrange_karyogram
+from karyo.karyograms.slots import count_deviations, read_slots, slot_counts
+from karyo.karyograms.synth import render_karyogram
 
 
 @pytest.mark.parametrize("name", ["normal_xy", "trisomy21_xx", "monosomyX", "klinefelter"])
@@ -101,7 +101,7 @@ def test_split_cells_keeps_each_case_in_one_part():
 
 @pytest.fixture(scope="module")
 def tiny_detector():
-    from karyo.detector import compact, fit_detector
+    from karyo.models.detector import compact, fit_detector
 
     readings, labels = [], []
     names = ["normal_xx", "normal_xy"] * 3 + ["trisomy21_xy", "trisomy13_xx", "monosomyX", "klinefelter"]
@@ -113,7 +113,7 @@ def tiny_detector():
 
 
 def test_detector_predicts_with_an_empty_slot_and_reloads(tiny_detector, tmp_path):
-    from karyo.detector import load_detector, predict_karyograms, save_detector
+    from karyo.models.detector import load_detector, predict_karyograms, save_detector
 
     rng = np.random.default_rng(0)
     crops = _cell(rng)
@@ -138,7 +138,7 @@ def test_detector_predicts_with_an_empty_slot_and_reloads(tiny_detector, tmp_pat
 
 
 def test_load_detector_refuses_a_folder_without_one(tmp_path):
-    from karyo.detector import load_detector
+    from karyo.models.detector import load_detector
 
     with pytest.raises(KaryoError, match="detector.json"):
         load_detector(tmp_path)
@@ -146,7 +146,7 @@ def test_load_detector_refuses_a_folder_without_one(tmp_path):
 
 @pytest.mark.realdata
 def test_read_slots_counts_real_assembled_cells(shared_data):
-    from karyo.assemble import assemble_cell, cell_crops, read_cells
+    from karyo.karyograms.assemble import assemble_cell, cell_crops, read_cells
 
     cells_dir = shared_data / "gband612"
     rows = [r for r in read_cells(cells_dir) if r["label"] in ("normal", "abnormal")][:: 60]
@@ -157,7 +157,7 @@ def test_read_slots_counts_real_assembled_cells(shared_data):
 
 
 def test_calibrated_decision_flags_the_requested_share_of_normals(tiny_detector):
-    from karyo.detector import calibrate_decision, compact, predict_passes
+    from karyo.models.detector import calibrate_decision, compact, predict_passes
 
     normals = [compact(read_slots(render_karyogram(get(n), size=128, rng=np.random.default_rng(20 + i))))
                for i, n in enumerate(["normal_xx", "normal_xy"] * 5)]

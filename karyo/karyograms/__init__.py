@@ -12,11 +12,12 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['assemble', 'karyotype', 'layout', 'synth'],
+    submodules=['abnormal_cells', 'assemble', 'karyotype', 'layout', 'slots', 'synth'],
     submod_attrs={
+        'abnormal_cells': ['slot_labels', 'make_abnormal', 'abnormal_karyogram', 'cell_slot_labels', 'split_cells'],
         'assemble': [
-            'slot_of', 'read_cells', 'cell_crops', 'load_crop', 'is_dark_field', 'trim', 'upright', 'assemble_cell',
-            'assemble_cells', 'pad_square', 'chromosome_manifest',
+            'slot_of', 'read_cells', 'cell_crops', 'load_crop', 'is_dark_field', 'trim', 'upright', 'prepare_cell',
+            'assemble_cell', 'assemble_cells', 'pad_square', 'chromosome_manifest',
         ],
         'karyotype': [
             'Band', 'Segment', 'Chromosome', 'Karyotype', 'whole', 'make_karyotype', 'get', 'list_karyotypes',
@@ -26,6 +27,10 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'layout': [
             'Arrangement', 'gap', 'slot_boxes', 'number_boxes', 'draw_numbers', 'fit_scale', 'arrange_karyogram',
             'background_level',
+        ],
+        'slots': [
+            'ChromosomeReading', 'SlotReading', 'as_gray', 'darkness', 'main_axis_profile', 'read_slots',
+            'slot_counts', 'expected_counts', 'count_deviations',
         ],
         'synth': ['render_chromosome', 'render_karyogram', 'plan_dataset', 'synthesize'],
     },

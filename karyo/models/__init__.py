@@ -13,11 +13,16 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['backbones', 'features', 'layers', 'network', 'saving', 'unfreeze', 'weights'],
+    submodules=['backbones', 'detector', 'features', 'layers', 'network', 'saving', 'unfreeze', 'weights'],
     submod_attrs={
         'backbones': [
             'Block', 'Backbone', 'list_backbones', 'get_backbone', 'check_image_size', 'BlockSpan', 'layer_graph',
             'cut_points', 'block_spans',
+        ],
+        'detector': [
+            'compact', 'profile_distance', 'fit_references', 'karyogram_features', 'encoder_slot_features',
+            'Detector', 'build_slot_head', 'fit_detector', 'combine_slots', 'calibrate_decision', 'predict_passes',
+            'save_detector', 'load_detector', 'predict_karyograms', 'write_slot_probabilities',
         ],
         'features': [
             'image_digest', 'model_fingerprint', 'cache_key', 'read_entry', 'entry_bytes', 'cached_features',

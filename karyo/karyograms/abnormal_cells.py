@@ -2,7 +2,7 @@
 
 Real abnormal cells are few (gband612: 26 aneuploid cells, and no structural abnormality at
 all), so the detector also learns from abnormal karyograms made out of real normal cells: the
-cell's crops (trimmed and upright, as :func:`karyo.assemble.prepare_cell` gives them) are
+cell's crops (trimmed and upright, as :func:`karyo.karyograms.assemble.prepare_cell` gives them) are
 changed the way a numerical or structural abnormality changes a cell, then laid out as
 ``karyo data assemble`` lays out a real one. The crops stand vertically, so a chromosome's axis
 is the crop's rows:
@@ -17,12 +17,12 @@ is the crop's rows:
   centromeres into one chromosome drawn in the first one's slot.
 
 A slot is labelled abnormal when it was changed or when its count differs from what the cell's
-sex leads one to expect (:func:`karyo.slots.count_deviations`): the slots a reader would flag.
+sex leads one to expect (:func:`karyo.karyograms.slots.count_deviations`): the slots a reader would flag.
 Only the caller decides which cells are used; build training karyograms from training cases only.
 
 Examples:
     >>> import numpy as np
-    >>> from karyo.layout import SLOTS
+    >>> from karyo.karyograms.layout import SLOTS
     >>> crops = {s: [np.full((30, 8), 90, np.uint8)] * 2 for s in SLOTS[:23]}   # 46,XX
     >>> changed, labels = make_abnormal(crops, "missing", np.random.default_rng(0))
     >>> sum(labels.values()), sum(map(len, changed.values()))
@@ -31,12 +31,12 @@ Examples:
 
 import numpy as np
 
-from karyo.assemble import prepare_cell
+from karyo.karyograms.assemble import prepare_cell
 from karyo.errors import KaryoError
-from karyo.karyotype import ACROCENTRIC
-from karyo.layout import SLOTS, WHITE, arrange_karyogram
-from karyo.slots import count_deviations
-from karyo.splits import split_rows
+from karyo.karyograms.karyotype import ACROCENTRIC
+from karyo.karyograms.layout import SLOTS, WHITE, arrange_karyogram
+from karyo.karyograms.slots import count_deviations
+from karyo.data.splits import split_rows
 
 #: Kinds of change, numerical first.
 NUMERICAL = ("extra", "missing")
@@ -174,7 +174,7 @@ def make_abnormal(crops, kind, rng, background=WHITE):
 def abnormal_karyogram(cells_dir, cell, kind, size, rng, prepared=None):
     """Assemble ``cell`` with one abnormality of ``kind``: ``(rgb image, {slot: 0/1})``.
 
-    ``prepared`` reuses :func:`karyo.assemble.prepare_cell`'s result for the cell.
+    ``prepared`` reuses :func:`karyo.karyograms.assemble.prepare_cell`'s result for the cell.
     """
     crops, background = prepared if prepared is not None else prepare_cell(cells_dir, cell)
     changed, labels = make_abnormal(crops, kind, rng, background)
@@ -190,7 +190,7 @@ def cell_slot_labels(cells_dir, cell):
 def split_cells(rows, seed=0):
     """``{part: [cell, ...]}`` of manifest rows (``cell``, ``label``, ``group`` = case), split by case.
 
-    Uses ``karyo.splits.split_rows`` (grouped, stratified by label), so no case is in two parts;
+    Uses ``karyo.data.splits.split_rows`` (grouped, stratified by label), so no case is in two parts;
     build abnormal training karyograms from the ``train`` cells only.
     """
     parts = split_rows(rows, protocol="grouped", seed=seed)

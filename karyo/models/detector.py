@@ -1,7 +1,7 @@
 """The karyotype detector: per-slot evidence -> P(slot abnormal) -> P(karyogram abnormal).
 
 A cytogeneticist counts each pair and compares the two homologues band by band. The detector
-does the same with the measurements of :mod:`karyo.slots`::
+does the same with the measurements of :mod:`karyo.karyograms.slots`::
 
     karyogram -> read_slots -> per slot: count vs expected (sex from the Y slot),
                  lengths and areas against the slot's reference, homologue length / area ratios,
@@ -9,9 +9,9 @@ does the same with the measurements of :mod:`karyo.slots`::
                  slot's reference, how much more the chromosome resembles another class
               -> normalised features (one row per slot, 24 per karyogram)
               -> head: MCDropout -> Dense(relu) -> BatchNormalization -> MCDropout -> Dense(1)
-                 (``karyo.models.build_head``), run T times (MC Dropout)
+                 (``karyo.models.network.build_head``), run T times (MC Dropout)
               -> per pass, the karyogram's probability = max over slots (or noisy-OR)
-              -> ``karyo.uncertainty.summarize_passes``: label, confidence, refer
+              -> ``karyo.uncertainty.confidence.summarize_passes``: label, confidence, refer
 
 The references (each slot's typical relative length, area and banding profile, and the spread
 of each) are fitted on the training karyograms' normal cells and saved with the model, so that a
@@ -20,7 +20,7 @@ a list of chromosome crops to embeddings, e.g. a chromosome-pretrained CNN) adds
 distance between homologues and to the slot's centroid; it is not saved with the detector.
 
 Examples:
-    >>> from karyo.detector import fit_detector, predict_passes   # doctest: +SKIP
+    >>> from karyo.models.detector import fit_detector, predict_passes   # doctest: +SKIP
     >>> detector = fit_detector(readings, labels)                 # doctest: +SKIP
     >>> slot_probs, probs = predict_passes(detector, new_readings)  # doctest: +SKIP
 """
@@ -35,11 +35,12 @@ import numpy as np
 
 from karyo.atomic import atomic_path, atomic_write_text
 from karyo.errors import KaryoError
-from karyo.layout import SLOTS
-from karyo.mc_dropout import DEFAULT_PASSES, mc_predict
-from karyo.slots import PROFILE_LENGTH, count_deviations, expected_counts, read_slots
-from karyo.uncertainty import (DEFAULT_THRESHOLD, predictions_table, summarize_passes,
-                               write_predictions)
+from karyo.karyograms.layout import SLOTS
+from karyo.karyograms.slots import count_deviations, expected_counts, PROFILE_LENGTH, read_slots
+from karyo.models.network import build_head
+from karyo.models.saving import load_model
+from karyo.uncertainty.confidence import DEFAULT_THRESHOLD, predictions_table, summarize_passes, write_predictions
+from karyo.uncertainty.mc_dropout import DEFAULT_PASSES, mc_predict
 
 #: How a karyogram's probability is made from its slots' (per MC pass).
 COMBINE = ("max", "noisy_or")
@@ -57,7 +58,7 @@ _AUTOSOMES_LARGE = SLOTS[:12]
 # --- compact readings: what the detector keeps of read_slots ------------------------------------
 
 def compact(readings):
-    """``{slot: [(length, area, profile), ...]}`` of :func:`karyo.slots.read_slots`' result.
+    """``{slot: [(length, area, profile), ...]}`` of :func:`karyo.karyograms.slots.read_slots`' result.
 
     Keeps what the detector uses and drops masks and crops (small enough to cache thousands).
     """
@@ -257,7 +258,7 @@ def encoder_slot_features(crops_by_slot, encoder, centroids=None):
     """``(24, 2)`` embedding evidence per slot: largest homologue distance, largest distance to centroid.
 
     Args:
-        crops_by_slot: ``{slot: [gray crop, ...]}`` (e.g. from :func:`karyo.slots.read_slots`).
+        crops_by_slot: ``{slot: [gray crop, ...]}`` (e.g. from :func:`karyo.karyograms.slots.read_slots`).
         encoder: callable taking a list of crops and returning an ``(n, k)`` array.
         centroids: ``{slot: (k,) array}`` of normal training chromosomes, or None (column 2 is 0).
     """
@@ -292,8 +293,7 @@ class Detector:
 
 
 def build_slot_head(n_features, seed=None):
-    """The slot head: ``karyo.models.build_head`` with the detector's width and dropout rates."""
-    from karyo.models import build_head  # keeps TensorFlow out of ``import karyo.detector``
+    """The slot head: ``karyo.models.network.build_head`` with the detector's width and dropout rates."""
 
     return build_head(n_features, dense_units=DENSE_UNITS, dropout=DROPOUT, seed=seed, name="slot_head")
 
@@ -411,7 +411,6 @@ def load_detector(run_dir):
     Raises:
         KaryoError: a file is missing or unreadable.
     """
-    from karyo.models import load_model  # TensorFlow only when a detector is loaded
 
     run_dir = Path(run_dir)
     path = run_dir / REFERENCE_FILE

@@ -1,7 +1,7 @@
 """Read an assembled karyogram slot by slot: how many chromosomes each slot holds and what they look like.
 
 A cytogeneticist reads a karyogram pair by pair. This module does the measuring part of that on
-a karyogram in karyo's standard layout (:mod:`karyo.layout`), synthetic or assembled from real
+a karyogram in karyo's standard layout (:mod:`karyo.karyograms.layout`), synthetic or assembled from real
 crops, at any size the layout allows:
 
     image -> polarity (dark on white, or bright on dark: turned dark on white)
@@ -11,11 +11,11 @@ crops, at any size the layout allows:
              touching chromosomes split at an empty column
           -> per chromosome: mask, crop, length along the main axis, area, banding profile
 
-The pair numbers lie in a band under each box, which :func:`karyo.layout.slot_boxes` excludes.
+The pair numbers lie in a band under each box, which :func:`karyo.karyograms.layout.slot_boxes` excludes.
 
 Examples:
-    >>> from karyo.karyotype import get
-    >>> from karyo.synth import render_karyogram
+    >>> from karyo.karyograms.karyotype import get
+    >>> from karyo.karyograms.synth import render_karyogram
     >>> readings = read_slots(render_karyogram(get("trisomy21_xx"), size=256))
     >>> {r.slot: r.count for r in readings}["21"]
     3
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from karyo.errors import KaryoError
-from karyo.imageio import decode_image
-from karyo.layout import MIN_SIZE, SLOTS, gap, slot_boxes
+from karyo.data.imageio import decode_image
+from karyo.karyograms.layout import MIN_SIZE, SLOTS, gap, slot_boxes
 
 #: Samples of a banding profile (from one end of the main axis to the other).
 PROFILE_LENGTH = 64
