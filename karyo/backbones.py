@@ -18,8 +18,10 @@ records what karyo needs to know about a network:
 Weights (``resolve_weights``): ``"imagenet"`` downloads through Keras' own path into the Keras
 cache (``$KERAS_HOME/models``, by default ``~/.keras/models``); offline this fails with one
 :class:`~karyo.errors.KaryoError` saying which file to place there. ``"none"`` is a random
-initialisation (seed it: :func:`build_backbone`'s ``seed``), ``"auto"`` is ImageNet when it can
-be had and otherwise none, and a file path loads weights from a file (see
+initialisation (seed it: :func:`build_backbone`'s ``seed``), ``"chromosome"`` is karyo's own
+backbone pretrained on synthetic single chromosomes (``karyo.pretrain.chromosome_weights``, built
+once into ``$KARYO_CACHE``), ``"auto"`` is ImageNet when it can be had and otherwise
+``chromosome`` (never silently random), and a file path loads weights from a file (see
 :func:`load_backbone_weights` for the accepted formats).
 
 Nothing here imports TensorFlow until a network is built.
@@ -47,7 +49,7 @@ _WEIGHTS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications/"
 #: whose packets are silently dropped does not hang for minutes.
 DOWNLOAD_TIMEOUT = 30.0
 #: The ``weights`` values besides a file path.
-WEIGHTS_CHOICES = ("imagenet", "none", "auto")
+WEIGHTS_CHOICES = ("imagenet", "none", "auto", "chromosome")
 
 
 @dataclass(frozen=True)
@@ -289,20 +291,24 @@ def fetch_imagenet_weights(name, timeout=DOWNLOAD_TIMEOUT):
     return Path(path)
 
 
-def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT):
+def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT, image_size=None):
     """Decide which weights a backbone will start from, before it is built.
 
     Args:
-        weights: ``"imagenet"``, ``"none"`` (or ``None``), ``"auto"`` or a path to a weights
-            file (``.weights.h5``, ``.h5`` or a saved karyo ``.keras`` model).
+        weights: ``"imagenet"``, ``"none"`` (or ``None``), ``"auto"``, ``"chromosome"`` or a path
+            to a weights file (``.weights.h5``, ``.h5`` or a saved karyo ``.keras`` model).
         backbone: a registered backbone name.
         timeout: socket timeout for the ImageNet download, in seconds.
+        image_size: input side of the model the weights are for: ``chromosome`` weights are
+            pretrained at the scale chromosomes have in a karyogram of that side (default: the
+            backbone's minimum input, at least 64).
 
     Returns:
         ``(weights_arg, used, note)``: ``weights_arg`` is what :func:`build_backbone` and
         ``karyo.models.build_model`` take (``"imagenet"``, ``None`` or the file's path);
-        ``used`` is ``"imagenet"``, ``"none"`` or ``"file"``; ``note`` is a sentence for the
-        run's config and report (for ``auto`` it says why ImageNet weights were not used).
+        ``used`` is ``"imagenet"``, ``"none"``, ``"chromosome"`` or ``"file"``; ``note`` is a
+        sentence for the run's config and report (for ``auto`` it says why ImageNet weights
+        were not used).
 
     Raises:
         KaryoError: unknown value, a missing file, or ``imagenet`` that cannot be downloaded.
@@ -314,12 +320,17 @@ def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT):
     if text.lower() == "imagenet":
         path = fetch_imagenet_weights(bb.name, timeout)
         return "imagenet", "imagenet", f"ImageNet weights ({path})"
+    if text.lower() == "chromosome":
+        path = _chromosome_weights(bb, image_size)
+        return str(path), "chromosome", f"chromosome-pretrained weights ({path})"
     if text.lower() == "auto":
         try:
             path = fetch_imagenet_weights(bb.name, timeout)
         except KaryoError as exc:
-            return None, "none", (f"--weights auto: ImageNet weights unavailable, so the {bb.name} "
-                                  f"backbone starts from a random initialisation. Reason: {exc}")
+            path = _chromosome_weights(bb, image_size)
+            return str(path), "chromosome", (
+                f"--weights auto: ImageNet weights unavailable, so the {bb.name} backbone starts from "
+                f"karyo's chromosome-pretrained weights ({path}). Reason: {exc}")
         return "imagenet", "imagenet", f"--weights auto: ImageNet weights ({path})"
     path = Path(text).expanduser()
     if not path.name.endswith((".h5", ".hdf5", ".keras")):
@@ -330,11 +341,19 @@ def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT):
     return str(path), "file", f"weights loaded from {path}"
 
 
+def _chromosome_weights(bb, image_size):
+    # karyo.pretrain builds backbones with this module, so it is imported here, when needed.
+    from karyo.pretrain import chromosome_weights
+
+    return chromosome_weights(bb.name, int(image_size) if image_size else max(bb.min_size, 64))
+
+
 def weights_identity(used, weights_arg=None, seed=None):
     """A short string that names the starting weights, for cache keys and run configs.
 
     ``imagenet``; ``none:seed=<seed>`` (a random initialisation is only reproducible with its
-    seed); ``sha256:<hex>`` of a weights file.
+    seed); ``chromosome:<cache folder>:sha256:<hex>`` for the cached chromosome-pretrained file
+    (the folder names its settings); ``sha256:<hex>`` of any other weights file.
     """
     if used == "imagenet":
         return "imagenet"
@@ -342,6 +361,8 @@ def weights_identity(used, weights_arg=None, seed=None):
         return f"none:seed={seed}"
     from karyo.manifest import sha256_file
 
+    if used == "chromosome":
+        return f"chromosome:{Path(weights_arg).parent.name}:sha256:{sha256_file(weights_arg)}"
     return f"sha256:{sha256_file(weights_arg)}"
 
 
@@ -409,13 +430,13 @@ def build_backbone(name, image_size, weights="none", seed=None):
 
     backbone = get_backbone(name)
     image_size = check_image_size(backbone.name, image_size)
-    weights_arg, used, _ = resolve_weights(weights, backbone.name)
+    weights_arg, used, _ = resolve_weights(weights, backbone.name, image_size=image_size)
     if seed is not None:
         keras.utils.set_random_seed(int(seed))
     constructor = getattr(keras.applications, backbone.constructor)
     model = constructor(include_top=False, weights="imagenet" if used == "imagenet" else None,
                         input_shape=(image_size, image_size, 3))
-    if used == "file":
+    if used in ("file", "chromosome"):
         load_backbone_weights(model, weights_arg)
     # A stable name lets other code find it inside a karyo model (get_layer("backbone")).
     model.name = "backbone"

@@ -144,7 +144,7 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "split.csv", rows)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    weights_arg, weights_used, weights_note = resolve_weights(weights, backbone)
+    weights_arg, weights_used, weights_note = resolve_weights(weights, backbone, image_size=image_size)
     started = time.time()
     images = {p: load_images(data, r, image_size, progress, p) for p, r in parts.items()}
     labels = {p: label_indices(r, CHROMOSOME_LABELS) for p, r in parts.items()}

@@ -714,7 +714,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     weights_arg = weights_used = None
     cache_key = []
     if role != "chief":
-        weights_arg, weights_used, _ = resolve_weights(weights, backbone)
+        weights_arg, weights_used, _ = resolve_weights(weights, backbone, image_size=int(image_size))
         cache_key = [backbone, weights_identity(weights_used, weights_arg, seed), int(image_size)]
 
     keras_tuner = _keras_tuner()
