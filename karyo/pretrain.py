@@ -111,7 +111,7 @@ def he_initialise(base, sample, seed=0):
         kernel.assign(init(kernel.shape, dtype=kernel.dtype))
         if getattr(layer, "bias", None) is not None:
             layer.bias.assign(np.zeros(layer.bias.shape, np.float32))
-        probe = keras.Model(base.inputs, layer.output)
+        probe = keras.Model(base.inputs[0], layer.output)
         std = float(np.std(keras.ops.convert_to_numpy(probe(sample, training=False))))
         if std > 1e-8:
             kernel.assign(kernel * (1.0 / std))

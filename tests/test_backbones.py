@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import karyo.pretrain
+
 from karyo.backbones import (BACKBONES, block_spans, build_backbone, cut_points, get_backbone,
                              list_backbones, resolve_weights, weights_identity)
 from karyo.errors import KaryoError
@@ -50,7 +52,7 @@ def test_bad_weights_values_are_refused(tmp_path):
     assert resolve_weights(None, "vgg16")[:2] == (None, "none")
 
 
-def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch):
+def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch, tmp_path):
     import keras
 
     url = get_backbone("inceptionv3").weights_url
@@ -67,9 +69,12 @@ def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch):
     assert "\n" not in message
     assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert "models" in message and "Name or service not known" in message
+    # Offline, auto falls back to karyo's chromosome-pretrained weights (never to random ones).
+    fake = tmp_path / "backbone.weights.h5"
+    monkeypatch.setattr(karyo.pretrain, "chromosome_weights", lambda *args, **kwargs: fake)
     weights_arg, used, note = resolve_weights("auto", "inceptionv3")
-    assert (weights_arg, used) == (None, "none")
-    assert "random initialisation" in note and "Name or service not known" in note
+    assert (weights_arg, used) == (str(fake), "chromosome")
+    assert "chromosome-pretrained" in note and "Name or service not known" in note
 
 
 def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path):
@@ -85,6 +90,8 @@ def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path)
         "    out = {'error': None}\n"
         "except KaryoError as exc:\n"
         "    out = {'error': str(exc)}\n"
+        "import karyo.pretrain\n"
+        "karyo.pretrain.chromosome_weights = lambda *a, **k: 'pretrained.weights.h5'\n"
         "out['auto'] = list(resolve_weights('auto', 'vgg16', timeout=5))\n"
         "print(json.dumps(out))\n"
     )
@@ -102,7 +109,7 @@ def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path)
     expected = keras_home / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert out["error"] and str(expected) in out["error"]
     assert "Offline?" in out["error"] and "--weights none" in out["error"]
-    assert out["auto"][:2] == [None, "none"]
+    assert out["auto"][:2] == ["pretrained.weights.h5", "chromosome"]
     assert not expected.exists()  # no half-downloaded file left in the cache
 
 
