@@ -10,7 +10,8 @@ backbone's input size, so the learnt filters fire on karyogram pixels. The backb
 then the starting point of the karyogram task (``--weights out/backbone.weights.h5``, or
 ``--weights chromosome`` for the cached ones of :func:`chromosome_weights`).
 
-An output folder holds ``backbone.weights.h5`` (the backbone alone, float32), ``card.json`` (what
+An output folder holds ``backbone.weights.h5`` (the backbone alone, float32), ``model.keras`` (the
+whole classifier, for :func:`score_chromosomes`), ``card.json`` (what
 was trained on what, how long, and the held-out accuracy, Macro-F1 and per-class F1),
 ``predictions.csv`` (the held-out crops, from which the card's numbers can be recomputed),
 ``history.csv`` and ``figures/confusion_matrix.png`` / ``figures/training_curves.png``. The folder
@@ -379,6 +380,7 @@ def pretrain(backbone, out, image_size=None, karyogram_size=64, epochs=DEFAULT_E
             for i, (r, t, p) in enumerate(zip(test_rows, y_test, pred))]
     with atomic_dir(out) as tmp:
         base.save_weights(str(tmp / "backbone.weights.h5"))
+        model.save(str(tmp / "model.keras"))  # with its head, to score other crops (score_chromosomes)
         write_manifest(tmp / "predictions.csv", rows, list(PREDICTION_COLUMNS))
         keys = [k for k in history if k in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")]
         lines = ["epoch," + ",".join(keys)] + [
@@ -393,6 +395,26 @@ def pretrain(backbone, out, image_size=None, karyogram_size=64, epochs=DEFAULT_E
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(backup, ignore_errors=True)
     return out
+
+
+def score_chromosomes(pretrained, manifest, root=None, progress=True):
+    """Score a pretraining run's classifier on every crop of a chromosome manifest.
+
+    The crops are presented as in training: at their cell's scale in a karyogram of the run's
+    ``karyogram_size``, centred on a crop of its ``image_size``.
+
+    Returns:
+        :func:`karyo.chromosomes.chromosome_metrics` of the manifest's crops.
+    """
+    from karyo.models import load_model
+
+    pretrained = Path(pretrained)
+    card = json.loads((pretrained / "card.json").read_text(encoding="utf-8"))
+    model = load_model(pretrained / "model.keras")
+    x, y, _ = real_chromosomes(manifest, card["image_size"], card["karyogram_size"], root=root,
+                               progress=progress)
+    pred = model.predict(x.astype("float32"), batch_size=256, verbose=0).argmax(axis=1)
+    return chromosome_metrics(y, pred)
 
 
 # ------------------------------------------------------------------------------ the cache

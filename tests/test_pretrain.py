@@ -67,7 +67,7 @@ def test_tiny_pretraining_writes_a_card_that_predictions_reproduce(tmp_path):
     out = pretrain_module.pretrain("vgg16", tmp_path / "pre", image_size=32, karyogram_size=64,
                                    epochs=1, n_synthetic=120, progress=False)
     card = json.loads((out / "card.json").read_text())
-    for name in ("backbone.weights.h5", "predictions.csv", "history.csv", "figures/confusion_matrix.png",
+    for name in ("backbone.weights.h5", "model.keras", "predictions.csv", "history.csv", "figures/confusion_matrix.png",
                  "figures/training_curves.png"):
         assert (out / name).is_file(), name
     assert card["backbone"] == "vgg16" and card["image_size"] == 32 and card["karyogram_size"] == 64
