@@ -545,8 +545,8 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
 
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    weights_arg, weights_used, weights_note = resolve_weights(experiment.weights, experiment.backbone,
-                                                               image_size=experiment.image_size)
+    weights_arg, weights_used, weights_note = resolve_weights(
+        experiment.weights, experiment.backbone, image_size=experiment.image_size)
 
     started = time.time()
     prepared = prepare_data(manifest, experiment.augmented, protocol, seed,

@@ -61,6 +61,7 @@ def _read_predictions(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_tiny_pretraining_writes_a_card_that_predictions_reproduce(tmp_path):
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -94,6 +95,7 @@ def _tiny_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(pretrain_module, "DEFAULT_EPOCHS", 1)
 
 
+@pytest.mark.slow
 def test_weights_chromosome_yields_the_cached_file_and_a_model_built_from_it(monkeypatch, tmp_path, capsys):
     from karyo.models import build_model
 
@@ -134,6 +136,7 @@ def test_auto_offline_falls_back_to_chromosome_weights_never_random(monkeypatch,
     assert "random" not in note
 
 
+@pytest.mark.slow
 def test_cli_pretrain_writes_the_folder_and_refuses_bad_input(tmp_path, capsys):
     from karyo.cli import main
 
