@@ -674,7 +674,7 @@ def add_pretrain_command(sub):
     p.add_argument("--karyogram-size", type=_positive_int, default=64,
                    help="side of the karyograms the weights are for; sets the drawing scale (64)")
     p.add_argument("--epochs", type=_positive_int, help="training epochs (6)")
-    p.add_argument("--n-synthetic", type=_non_negative_int, help="synthetic training crops (4800)")
+    p.add_argument("--n-synthetic", type=_non_negative_int, help="synthetic training crops (2400)")
     p.add_argument("--stain", choices=("g", "q", "both"), default="both", help="synthetic stain (both)")
     p.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32",
                    help="compute precision (float32)")

@@ -44,8 +44,8 @@ from karyo.training import default_cache_dir
 #: Defaults of the cached pretraining (:func:`chromosome_weights`): a few minutes per backbone
 #: on two CPU cores.
 DEFAULT_EPOCHS = 6
-DEFAULT_N_SYNTHETIC = 4800
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_N_SYNTHETIC = 2400
+DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 3e-4
 #: Share of the synthetic crops drawn (from other cells) for the held-out set.
 HELD_OUT_SHARE = 0.2
@@ -443,8 +443,9 @@ def pretrained_dir(backbone, image_size, karyogram_size=None, cache_dir=None):
     return cache_dir / "pretrained" / f"{settings['backbone']}-{settings_key(settings)}"
 
 
-#: Measured pretraining seconds per 1000 crops and epoch (2 CPU cores), for the one-line notice.
-SECONDS_PER_KILO_EPOCH = {"vgg16": 4.0, "inceptionv3": 20.0}
+#: Pretraining seconds per 1000 crops and epoch at the backbone's smallest input, for the one-line
+#: notice: VGG16 measured (42 images/s at 32 px on 2 shared cores); the others are guesses.
+SECONDS_PER_KILO_EPOCH = {"vgg16": 25.0, "inceptionv3": 30.0}
 
 
 def chromosome_weights(backbone, image_size, karyogram_size=None, progress=True, cache_dir=None):
@@ -466,7 +467,7 @@ def chromosome_weights(backbone, image_size, karyogram_size=None, progress=True,
     if (folder / "card.json").is_file() and weights.is_file():
         return weights
     s = pretrain_settings(backbone, image_size, karyogram_size)
-    pace = SECONDS_PER_KILO_EPOCH.get(s["backbone"], 20.0) * (s["image_size"] / 32) ** 2
+    pace = SECONDS_PER_KILO_EPOCH.get(s["backbone"], 30.0) * (s["image_size"] / get_backbone(backbone).min_size) ** 2
     minutes = max(1, math.ceil(pace * s["n_synthetic"] * 1.2 / 1000 * s["epochs"] / 60))
     print(f"karyo: pretraining {s['backbone']} on synthetic chromosomes once for {s['karyogram_size']}-px "
           f"karyograms (about {minutes} min on 2 CPU cores) into {folder}", flush=True)
