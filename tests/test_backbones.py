@@ -51,7 +51,7 @@ def test_bad_weights_values_are_refused(tmp_path):
     assert resolve_weights(None, "vgg16")[:2] == (None, "none")
 
 
-def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch):
+def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch, tmp_path):
     import keras
 
     url = get_backbone("inceptionv3").weights_url
@@ -68,9 +68,13 @@ def test_failed_download_gives_one_clear_error_and_auto_falls_back(monkeypatch):
     assert "\n" not in message
     assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert "models" in message and "Name or service not known" in message
-    weights_arg, used, note = resolve_weights("auto", "inceptionv3")
-    assert (weights_arg, used) == (None, "none")
-    assert "random initialisation" in note and "Name or service not known" in note
+    # Offline, auto falls back to karyo's chromosome-pretrained weights (never to random ones).
+    fake = tmp_path / "backbone.weights.h5"
+    weights_arg, used, note = resolve_weights("auto", "inceptionv3", chromosome=lambda: fake)
+    assert (weights_arg, used) == (str(fake), "chromosome")
+    with pytest.raises(KaryoError, match="starting_weights"):  # no pretraining to fall back on: no silent random
+        resolve_weights("auto", "inceptionv3")
+    assert "chromosome-pretrained" in note and "Name or service not known" in note
 
 
 def test_download_line_shows_only_for_a_download_that_starts(monkeypatch, tmp_path, capsys):
@@ -93,7 +97,7 @@ def test_download_line_shows_only_for_a_download_that_starts(monkeypatch, tmp_pa
         raise Exception(f"URL fetch failure on {origin}: None -- [Errno 111] Connection refused")
 
     monkeypatch.setattr(keras.utils, "get_file", refused)
-    assert resolve_weights("auto", "vgg16")[1] == "none"
+    assert resolve_weights("auto", "vgg16", chromosome=lambda: tmp_path / "w.weights.h5")[1] == "chromosome"
     assert "Downloading" not in capsys.readouterr().out
 
 
@@ -110,7 +114,7 @@ def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path)
         "    out = {'error': None}\n"
         "except KaryoError as exc:\n"
         "    out = {'error': str(exc)}\n"
-        "out['auto'] = list(resolve_weights('auto', 'vgg16', timeout=5))\n"
+        "out['auto'] = list(resolve_weights('auto', 'vgg16', timeout=5, chromosome=lambda: 'pretrained.weights.h5'))\n"
         "print(json.dumps(out))\n"
     )
     # Port 9 on localhost is closed: the proxy connection is refused at once, whether or not
@@ -127,7 +131,7 @@ def test_imagenet_offline_in_a_fresh_process_with_an_empty_keras_cache(tmp_path)
     expected = keras_home / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert out["error"] and str(expected) in out["error"]
     assert "Offline?" in out["error"] and "--weights none" in out["error"]
-    assert out["auto"][:2] == [None, "none"]
+    assert out["auto"][:2] == ["pretrained.weights.h5", "chromosome"]
     assert not expected.exists()  # no half-downloaded file left in the cache
 
 

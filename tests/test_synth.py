@@ -129,8 +129,8 @@ def test_structural_changes_are_measurable_in_the_image():
 def _straight(name, px_per_mb, stain="g"):
     """One chromosome drawn upright (no tilt or bend) and its sampled parameters."""
     rng = np.random.default_rng(0)
-    cell = synth._sample_cell(rng, stain)
-    c = synth._sample_chromosome(rng, kt.whole(name), cell, stain)
+    cell = synth.sample_cell(rng, stain)
+    c = synth.sample_chromosome(rng, kt.whole(name), cell, stain)
     c.update(tilt=0.0, bend=0.0, contrast=1.0)
     crop = render_chromosome(c, px_per_mb, stain, 255 if stain == "g" else 0, 1.0, 0.0)
     return crop, c

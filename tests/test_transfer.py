@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from karyo.experiments.chromosomes import chromosome_metrics, split_by_case
+from karyo.data.splits import split_by_case
+from karyo.uncertainty.metrics import chromosome_metrics
 from karyo.data.manifest import CHROMOSOME_LABELS, read_manifest
 from karyo.data.splits import straddling_groups
 

@@ -35,6 +35,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'load_images', 'load_paths', 'stream_rows', 'stream_paths', 'label_indices', 'make_dataset',
             'steps_per_epoch',
         ],
-        'splits': ['split_groups', 'split_rows', 'thesis_split', 'straddling_groups'],
+        'splits': ['split_groups', 'split_rows', 'thesis_split', 'straddling_groups', 'split_by_case'],
     },
 )

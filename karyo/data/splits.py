@@ -131,3 +131,28 @@ def straddling_groups(rows, parts):
     for row, part in zip(rows, parts):
         seen[row["group"]].add(part)
     return sorted(g for g, p in seen.items() if len(p) > 1)
+
+
+def split_by_case(rows, seed=0):
+    """Train / val / test part of every chromosome row, whole cases at a time.
+
+    :func:`split_rows` stratifies groups by their most common label, which for a
+    chromosome task is an arbitrary autosome; the cases are split instead as one row each,
+    labelled by sex (a case with a Y crop is ``XY``), so the Y class reaches every part.
+
+    Returns:
+        list of part names, in the order of ``rows``.
+    """
+
+    by_case = {}
+    for row in rows:
+        sex = by_case.setdefault(row["group"], "XX")
+        if row["label"] == "Y" or sex == "XY":
+            by_case[row["group"]] = "XY"
+    cases = [{"group": g, "label": sex} for g, sex in by_case.items()]
+    if len({c["label"] for c in cases}) > 1 and min(
+            sum(c["label"] == s for c in cases) for s in ("XX", "XY")) < 3:
+        for case in cases:  # too few of one sex to stratify: split the cases unstratified
+            case["label"] = "any"
+    parts = dict(zip(by_case, split_rows(cases, "grouped", seed)))
+    return [parts[row["group"]] for row in rows]

@@ -17,6 +17,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'figures',
         'fit',
         'hypermodel',
+        'pretrain',
         'registry',
         'report',
         'reproduce',
@@ -27,7 +28,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'tuning',
     ],
     submod_attrs={
-        'chromosomes': ['split_by_case', 'chromosome_metrics', 'train_chromosome_classifier'],
+        'chromosomes': ['train_chromosome_classifier'],
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
             'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
@@ -40,13 +41,18 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'batch_size_choices', 'unfreeze_choices', 'unfreeze_value', 'compile_trial', 'fit_trial',
             'KaryogramHyperModel',
         ],
+        'pretrain': [
+            'build_classifier', 'he_initialise', 'cell_scale', 'present', 'real_chromosomes', 'pretrain',
+            'score_chromosomes', 'pretrain_settings', 'settings_key', 'pretrained_dir', 'chromosome_weights',
+            'starting_weights',
+        ],
         'registry': ['Experiment', 'list_experiments', 'get_experiment'],
         'report': ['collect_runs', 'write_report'],
         'reproduce': ['Preset', 'get_preset', 'run_dir', 'reproduce'],
         'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
         'training': [
-            'default_cache_dir', 'is_complete', 'prepare_data', 'environment', 'read_json', 'train_model',
-            'print_warning', 'train_experiment',
+            'is_complete', 'prepare_data', 'environment', 'read_json', 'train_model', 'print_warning',
+            'train_experiment',
         ],
         'transfer': [
             'target_holdout_groups', 'two_step', 'check_inputs', 'write_comparison', 'comparison_markdown',

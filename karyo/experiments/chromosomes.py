@@ -22,70 +22,26 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from karyo.atomic import atomic_path, atomic_write_text
 from karyo.data.manifest import check_manifest, CHROMOSOME_LABELS, read_manifest, sha256_file, write_manifest
 from karyo.data.pipeline import label_indices, load_images
-from karyo.data.splits import split_rows
+from karyo.data.splits import split_by_case
 from karyo.errors import KaryoError
 from karyo.experiments import figures
 from karyo.experiments.fit import FitConfig, two_phase_fit, write_history
-from karyo.experiments.training import default_cache_dir, environment
+from karyo.experiments.pretrain import starting_weights
+from karyo.experiments.training import environment
+from karyo.models.features import default_cache_dir
+from karyo.uncertainty.metrics import chromosome_metrics
 from karyo.models.backbones import check_image_size
 from karyo.models.network import backbone_blocks, build_model, n_blocks_arg
-from karyo.models.weights import resolve_weights, weights_identity
+from karyo.models.weights import weights_identity
 from karyo.uncertainty.mc_dropout import mc_predict
 
 #: Fine-tuning learning rate: the karyogram experiments' 1e-5 (1e-3 / 100) is too slow for a
 #: randomly initialised backbone in a few epochs; 1e-4 is the registry's ``vgg16_scratch`` rate.
 DEFAULT_FINE_TUNE_LR = 1e-4
-
-
-def split_by_case(rows, seed=0):
-    """Train / val / test part of every chromosome row, whole cases at a time.
-
-    ``karyo.data.splits.split_rows`` stratifies groups by their most common label, which for a
-    chromosome task is an arbitrary autosome; the cases are split instead as one row each,
-    labelled by sex (a case with a Y crop is ``XY``), so the Y class reaches every part.
-
-    Returns:
-        list of part names, in the order of ``rows``.
-    """
-
-    by_case = {}
-    for row in rows:
-        sex = by_case.setdefault(row["group"], "XX")
-        if row["label"] == "Y" or sex == "XY":
-            by_case[row["group"]] = "XY"
-    cases = [{"group": g, "label": sex} for g, sex in by_case.items()]
-    if len({c["label"] for c in cases}) > 1 and min(
-            sum(c["label"] == s for c in cases) for s in ("XX", "XY")) < 3:
-        for case in cases:  # too few of one sex to stratify: split the cases unstratified
-            case["label"] = "any"
-    parts = dict(zip(by_case, split_rows(cases, "grouped", seed)))
-    return [parts[row["group"]] for row in rows]
-
-
-def chromosome_metrics(labels, pred, class_names=CHROMOSOME_LABELS):
-    """Accuracy, Macro-F1 (scikit-learn ``f1_score(average="macro")``) and per-class F1.
-
-    Classes absent from both ``labels`` and ``pred`` are left out of the macro average (their
-    F1 is undefined), and reported as ``None``.
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-
-    labels, pred = np.asarray(labels), np.asarray(pred)
-    present = sorted(set(labels.tolist()) | set(pred.tolist()))
-    per_class = f1_score(labels, pred, labels=present, average=None, zero_division=0)
-    f1_of = dict(zip(present, per_class))
-    return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "macro_f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
-        "per_class_f1": {name: (float(f1_of[i]) if i in f1_of else None)
-                         for i, name in enumerate(class_names)},
-        "n": int(len(labels)),
-    }
 
 
 def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, weights="auto",
@@ -100,12 +56,13 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
             ``group`` = case).
         out: run folder to create (a finished one, with ``metrics.json``, is returned as is).
         backbone, image_size: the network (VGG16's minimum is 32 px).
-        weights: ``imagenet``, ``none``, ``auto`` or a weights file (see ``resolve_weights``).
+        weights: ``imagenet``, ``chromosome``, ``auto``, ``none`` or a weights file (see
+            ``karyo.experiments.pretrain.starting_weights``).
         epochs: head epochs on cached features; fine_tune_epochs: after unfreezing (default
             ``epochs``).
         batch_size, lr: head training (Adam).
         seed: seeds the split by case, the initial weights and dropout.
-        cache_dir: backbone feature cache (default ``karyo.experiments.training.default_cache_dir()``).
+        cache_dir: backbone feature cache (default ``karyo.models.features.default_cache_dir()``).
         unfreeze: ``0`` (frozen backbone: its weights are handed over unchanged, so two-step
             equals one-step), ``k`` last blocks, or ``"all"``.
         fine_tune_lr: learning rate after unfreezing.
@@ -142,7 +99,7 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / "split.csv", rows)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    weights_arg, weights_used, weights_note = resolve_weights(weights, backbone)
+    weights_arg, weights_used, weights_note = starting_weights(weights, backbone, image_size)
     started = time.time()
     images = {p: load_images(data, r, image_size, progress, p) for p, r in parts.items()}
     labels = {p: label_indices(r, CHROMOSOME_LABELS) for p, r in parts.items()}

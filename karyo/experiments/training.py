@@ -40,19 +40,16 @@ from karyo.data.pipeline import label_indices, load_images
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
 from karyo.experiments.fit import FitConfig, two_phase_fit, write_history
+from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.runs import evaluate_run
 from karyo.models.backbones import get_backbone
 from karyo.models.network import build_model
 from karyo.models.saving import load_model
-from karyo.models.weights import resolve_weights, weights_identity
+from karyo.models.features import default_cache_dir
+from karyo.models.weights import weights_identity
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
-
-
-def default_cache_dir():
-    """Where backbone features are cached: ``$KARYO_CACHE`` or ``~/.cache/karyo``."""
-    return Path(os.environ.get("KARYO_CACHE", Path.home() / ".cache" / "karyo"))
 
 
 def is_complete(run_dir):
@@ -236,7 +233,8 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
 
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    weights_arg, weights_used, weights_note = resolve_weights(experiment.weights, experiment.backbone)
+    weights_arg, weights_used, weights_note = starting_weights(experiment.weights, experiment.backbone,
+                                                               experiment.image_size)
     if str(experiment.weights).lower() == "auto" and weights_used == "none":
         warn(weights_note)
 

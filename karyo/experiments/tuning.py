@@ -93,14 +93,15 @@ from karyo.errors import KaryoError
 from karyo.experiments.figures import plot_tuning_scatter
 from karyo.experiments.hypermodel import (batch_size_choices, DROPOUT_RANGE, KaryogramHyperModel, LR_RANGE,
                                           THESIS_BATCH_SIZE, THESIS_LR, unfreeze_choices, unfreeze_value)
-from karyo.experiments.training import default_cache_dir, prepare_data
+from karyo.experiments.pretrain import starting_weights
+from karyo.experiments.training import prepare_data
 from karyo.experiments.tuner import (check_search_extras, one_line, search_role, SearchFailed, SearchOracle,
                                      SearchTuner, trial_order, trial_record_path)
 from karyo.models.backbones import check_image_size, get_backbone
-from karyo.models.features import cached_features
+from karyo.models.features import cached_features, default_cache_dir
 from karyo.models.network import build_backbone, build_model, DEFAULT_DENSE_UNITS, DEFAULT_DROPOUT, split_model
 from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE
-from karyo.models.weights import resolve_weights, weights_identity
+from karyo.models.weights import weights_identity
 from karyo.data.leakage import check_leakage
 
 #: keras-tuner's project folder inside ``out_dir``.
@@ -289,7 +290,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
             unfrozen blocks and the dropout rate).
         seed: seeds the split, the augmentation, every trial's initialisation and the oracle.
         root: folder the manifest's paths are relative to (default: the manifest's folder).
-        cache_dir: feature cache (default ``karyo.experiments.training.default_cache_dir()``, shared with
+        cache_dir: feature cache (default ``karyo.models.features.default_cache_dir()``, shared with
             ``karyo train`` so a search's features serve the training runs and vice versa).
         data_dir: where augmented data is written (default ``out_dir/data``).
         overwrite: discard an earlier search in ``out_dir`` and start afresh.
@@ -366,7 +367,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     weights_arg = weights_used = None
     cache_key = []
     if role != "chief":
-        weights_arg, weights_used, _ = resolve_weights(weights, backbone)
+        weights_arg, weights_used, _ = starting_weights(weights, backbone, int(image_size))
         cache_key = [backbone, weights_identity(weights_used, weights_arg, seed), int(image_size)]
 
     oracle = SearchOracle(

@@ -12,13 +12,14 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['abnormal_cells', 'assemble', 'karyotype', 'layout', 'slots', 'synth'],
+    submodules=['abnormal_cells', 'assemble', 'chromosome_synth', 'karyotype', 'layout', 'slots', 'synth'],
     submod_attrs={
         'abnormal_cells': ['slot_labels', 'make_abnormal', 'abnormal_karyogram', 'cell_slot_labels', 'split_cells'],
         'assemble': [
             'slot_of', 'read_cells', 'cell_crops', 'load_crop', 'is_dark_field', 'trim', 'upright', 'prepare_cell',
             'assemble_cell', 'assemble_cells', 'pad_square', 'chromosome_manifest',
         ],
+        'chromosome_synth': ['default_crop_size', 'synthetic_chromosomes'],
         'karyotype': [
             'Band', 'Segment', 'Chromosome', 'Karyotype', 'whole', 'make_karyotype', 'get', 'list_karyotypes',
             'for_abnormality', 'counts', 'cytobands', 'point', 'segment_bands', 'chromosome_bands',
@@ -32,6 +33,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'ChromosomeReading', 'SlotReading', 'as_gray', 'darkness', 'main_axis_profile', 'read_slots',
             'slot_counts', 'expected_counts', 'count_deviations',
         ],
-        'synth': ['render_chromosome', 'render_karyogram', 'plan_dataset', 'synthesize'],
+        'synth': [
+            'sample_cell', 'sample_chromosome', 'extent', 'render_chromosome', 'render_karyogram', 'plan_dataset',
+            'synthesize',
+        ],
     },
 )

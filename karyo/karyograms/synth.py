@@ -64,7 +64,7 @@ WIDTH_TO_CHR1 = 0.12
 STEP = 0.25
 
 
-def _sample_cell(rng, stain):
+def sample_cell(rng, stain):
     """Cell-level parameters: one metaphase, one slide, one camera."""
     return {
         # > 1: long prometaphase chromosomes (fine bands); < 1: condensed ones (coarse bands).
@@ -81,7 +81,7 @@ def _sample_cell(rng, stain):
     }
 
 
-def _sample_chromosome(rng, chromosome, cell, stain):
+def sample_chromosome(rng, chromosome, cell, stain):
     """Per-chromosome parameters: the bands with their darkness, and the pose."""
     bands = []
     for band, length in chromosome_bands(chromosome):
@@ -120,7 +120,7 @@ def _sample_chromosome(rng, chromosome, cell, stain):
     }
 
 
-def _extent(c):
+def extent(c):
     """Bounding (height, width) of a posed chromosome, in the same units as its length."""
     length, width, tilt = c["length"], c["width"], abs(c["tilt"])
     half_w = width / 2 + abs(c["bend"]) * length
@@ -177,7 +177,7 @@ def render_chromosome(c, px_per_unit, stain, background, band_sigma, groove_dept
     width_px = c["width"] * px_per_unit
     bend_px = c["bend"] * length_px
     t, level, rel_width, groove_w = _profiles(c, length_px, width_px, band_sigma)
-    h, w = _extent({**c, "length": length_px, "width": width_px})
+    h, w = extent({**c, "length": length_px, "width": width_px})
     hh, hw = int(math.ceil(h / 2)) + 2, int(math.ceil(w / 2)) + 2
     ys, xs = np.mgrid[-hh:hh, -hw:hw].astype(np.float32) + 0.5
     cos_t, sin_t = math.cos(c["tilt"]), math.sin(c["tilt"])
@@ -229,12 +229,12 @@ def render_karyogram(karyotype, size=DEFAULT_SIZE, rng=None, stain="g"):
     if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
         raise KaryoError(f"image size {size} is too small for a karyogram (at least {MIN_SIZE} px)")
     rng = np.random.default_rng(0) if rng is None else rng
-    cell = _sample_cell(rng, stain)
-    posed = {slot: [_sample_chromosome(rng, ch, cell, stain) for ch in chromosomes]
+    cell = sample_cell(rng, stain)
+    posed = {slot: [sample_chromosome(rng, ch, cell, stain) for ch in chromosomes]
              for slot, chromosomes in karyotype.slots}
     # One scale for the whole karyogram, a little under the fit so that drawn crops (which
     # gain a pixel of anti-aliasing) are never resampled by the layout.
-    px_per_unit = 0.97 * fit_scale({s: [_extent(c) for c in cs] for s, cs in posed.items()}, size)
+    px_per_unit = 0.97 * fit_scale({s: [extent(c) for c in cs] for s, cs in posed.items()}, size)
     band_sigma = cell["band_sigma"] * max(1.0, size / 416) / cell["condensation"]
     crops = {slot: [render_chromosome(c, px_per_unit, stain, cell["background"], band_sigma,
                                       cell["groove"]) for c in cs]

@@ -26,6 +26,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         'features': [
             'image_digest', 'model_fingerprint', 'cache_key', 'read_entry', 'entry_bytes', 'cached_features',
+            'default_cache_dir',
         ],
         'layers': ['MCDropout', 'Preprocess'],
         'network': [

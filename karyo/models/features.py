@@ -211,3 +211,8 @@ def _compute(frozen_part, images, missing, folder, description, result, batch_si
             except OSError as exc:
                 raise KaryoError(f"{folder}: cannot write the feature cache "
                                  f"({exc.strerror or exc})") from None
+
+
+def default_cache_dir():
+    """Where backbone features are cached: ``$KARYO_CACHE`` or ``~/.cache/karyo``."""
+    return Path(os.environ.get("KARYO_CACHE", Path.home() / ".cache" / "karyo"))

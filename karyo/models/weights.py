@@ -24,7 +24,7 @@ from karyo.models.saving import load_model
 #: whose packets are silently dropped does not hang for minutes.
 DOWNLOAD_TIMEOUT = 30.0
 #: The ``weights`` values besides a file path.
-WEIGHTS_CHOICES = ("imagenet", "none", "auto")
+WEIGHTS_CHOICES = ("imagenet", "none", "auto", "chromosome")
 
 
 def keras_cache_dir():
@@ -136,19 +136,24 @@ def fetch_imagenet_weights(name, timeout=DOWNLOAD_TIMEOUT):
     return Path(path)
 
 
-def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT):
+def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT, chromosome=None):
     """Decide which weights a backbone will start from, before it is built.
 
     Args:
-        weights: ``"imagenet"``, ``"none"`` (or ``None``), ``"auto"`` or a path to a weights
-            file (``.weights.h5``, ``.h5`` or a saved karyo ``.keras`` model).
+        weights: ``"imagenet"``, ``"chromosome"``, ``"auto"`` (ImageNet when it can be had, else
+            ``chromosome``), ``"none"`` (or ``None``: a random initialisation) or a path to a
+            weights file (``.weights.h5``, ``.h5`` or a saved karyo ``.keras`` model).
         backbone: a registered backbone name.
         timeout: socket timeout for the ImageNet download, in seconds.
+        chromosome: a function returning the path of karyo's chromosome-pretrained weights for
+            this backbone (``karyo.experiments.pretrain.starting_weights`` passes the cached
+            pretraining); without it ``chromosome`` and an offline ``auto`` are refused, so that
+            no run ever falls back to random weights silently.
 
     Returns:
-        ``(weights_arg, used, note)``: ``weights_arg`` is what :func:`build_backbone` and
-        ``karyo.models.network.build_model`` take (``"imagenet"``, ``None`` or the file's path);
-        ``used`` is ``"imagenet"``, ``"none"`` or ``"file"``; ``note`` is a sentence for the
+        ``(weights_arg, used, note)``: ``weights_arg`` is what ``karyo.models.network.build_backbone``
+        and ``build_model`` take (``"imagenet"``, ``None`` or a file's path); ``used`` is
+        ``"imagenet"``, ``"chromosome"``, ``"none"`` or ``"file"``; ``note`` is a sentence for the
         run's config and report (for ``auto`` it says why ImageNet weights were not used).
 
     Raises:
@@ -161,12 +166,20 @@ def resolve_weights(weights, backbone, timeout=DOWNLOAD_TIMEOUT):
     if text.lower() == "imagenet":
         path = fetch_imagenet_weights(bb.name, timeout)
         return "imagenet", "imagenet", f"ImageNet weights ({path})"
+    if text.lower() in ("chromosome", "auto") and chromosome is None:
+        raise KaryoError(f"--weights {text}: chromosome-pretrained weights are resolved by "
+                         f"karyo.experiments.pretrain.starting_weights")
+    if text.lower() == "chromosome":
+        path = chromosome()
+        return str(path), "chromosome", f"chromosome-pretrained weights ({path})"
     if text.lower() == "auto":
         try:
             path = fetch_imagenet_weights(bb.name, timeout)
         except KaryoError as exc:
-            return None, "none", (f"--weights auto: ImageNet weights unavailable, so the {bb.name} "
-                                  f"backbone starts from a random initialisation. Reason: {exc}")
+            path = chromosome()
+            return str(path), "chromosome", (
+                f"--weights auto: ImageNet weights unavailable, so the {bb.name} backbone starts from "
+                f"karyo's chromosome-pretrained weights ({path}). Reason: {exc}")
         return "imagenet", "imagenet", f"--weights auto: ImageNet weights ({path})"
     path = Path(text).expanduser()
     if not path.name.endswith((".h5", ".hdf5", ".keras")):
@@ -181,13 +194,15 @@ def weights_identity(used, weights_arg=None, seed=None):
     """A short string that names the starting weights, for cache keys and run configs.
 
     ``imagenet``; ``none:seed=<seed>`` (a random initialisation is only reproducible with its
-    seed); ``sha256:<hex>`` of a weights file.
+    seed); ``chromosome:<cache folder>:sha256:<hex>`` for the cached chromosome-pretrained file
+    (the folder names its settings); ``sha256:<hex>`` of any other weights file.
     """
     if used == "imagenet":
         return "imagenet"
     if used == "none":
         return f"none:seed={seed}"
-
+    if used == "chromosome":
+        return f"chromosome:{Path(weights_arg).parent.name}:sha256:{sha256_file(weights_arg)}"
     return f"sha256:{sha256_file(weights_arg)}"
 
 

@@ -14,8 +14,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
 
 from karyo.atomic import atomic_write_text
+from karyo.data.manifest import CHROMOSOME_LABELS
 from karyo.errors import KaryoError
 
 #: Bins of the expected calibration error (15 equal-width bins, as in Guo et al. 2017).
@@ -354,3 +356,22 @@ def write_wrong_predictions(path, rows):
     writer.writerows(wrong)
     atomic_write_text(path, buf.getvalue())
     return Path(path)
+
+
+def chromosome_metrics(labels, pred, class_names=CHROMOSOME_LABELS):
+    """Accuracy, Macro-F1 (scikit-learn ``f1_score(average="macro")``) and per-class F1.
+
+    Classes absent from both ``labels`` and ``pred`` are left out of the macro average (their
+    F1 is undefined), and reported as ``None``.
+    """
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    present = sorted(set(labels.tolist()) | set(pred.tolist()))
+    per_class = f1_score(labels, pred, labels=present, average=None, zero_division=0)
+    f1_of = dict(zip(present, per_class))
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro_f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
+        "per_class_f1": {name: (float(f1_of[i]) if i in f1_of else None)
+                         for i, name in enumerate(class_names)},
+        "n": int(len(labels)),
+    }
