@@ -65,7 +65,12 @@ def test_offline_reproduce_prints_no_download_line_and_each_warning_once(tmp_pat
     import keras
 
     import karyo.models.weights as weights
+    from karyo.experiments import pretrain
 
+    # Offline, auto starts from the chromosome-pretrained backbone: a tiny pretraining here.
+    monkeypatch.setenv("KARYO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "DEFAULT_N_SYNTHETIC", 48)
+    monkeypatch.setattr(pretrain, "DEFAULT_EPOCHS", 1)
     calls = []
 
     def offline(fname, origin, **kwargs):
@@ -82,7 +87,7 @@ def test_offline_reproduce_prints_no_download_line_and_each_warning_once(tmp_pat
     out, err = capsys.readouterr()
     assert calls == [weights.get_backbone("vgg16").weights_file]  # never retried in this process
     assert "Downloading data from" not in out + err
-    # Both runs read the same augmented data and fall back to random weights: each warning once.
+    # Both runs read the same augmented data and start from chromosome weights: each warning once.
     lines = [line for line in err.splitlines() if line.startswith("karyo: warning:")]
     assert len(lines) == 2, lines
     assert sum("near-identical image" in line and "[in 2 runs;" in line for line in lines) == 1

@@ -37,7 +37,7 @@ from karyo.errors import KaryoError
 from karyo.experiments import figures
 from karyo.karyograms.assemble import load_crop, trim, upright
 from karyo.karyograms.chromosome_synth import default_crop_size, STAIN_CHOICES, synthetic_chromosomes
-from karyo.karyograms.layout import background_level, BLACK, fit_scale, WHITE
+from karyo.karyograms.layout import background_level, BLACK, fit_scale, MIN_SIZE, WHITE
 from karyo.models.backbones import check_image_size, get_backbone
 from karyo.models.layers import Preprocess
 from karyo.models.network import build_backbone
@@ -389,9 +389,9 @@ def pretrain(backbone, out, image_size=None, karyogram_size=64, epochs=DEFAULT_E
             f"{e}," + ",".join(f"{history[k][e]:.6g}" for k in keys) for e in range(len(history["loss"]))]
         (tmp / "history.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         (tmp / "figures").mkdir()
-        figures.confusion_matrix(y_test, pred, tmp / "figures" / "confusion_matrix.png",
-                                 class_names=CHROMOSOME_LABELS,
-                                 title=f"Held-out chromosomes, {bb.name} {image_size} px")
+        figures.plot_confusion_matrix(y_test, pred, tmp / "figures" / "confusion_matrix.png",
+                                      class_names=CHROMOSOME_LABELS,
+                                      title=f"Held-out chromosomes, {bb.name} {image_size} px")
         _training_curves(history, tmp / "figures" / "training_curves.png",
                          f"Chromosome pretraining, {bb.name} {image_size} px (karyogram {karyogram_size} px)")
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -422,9 +422,14 @@ def score_chromosomes(pretrained, manifest, root=None, progress=True):
 
 
 def pretrain_settings(backbone, image_size, karyogram_size=None):
-    """The settings of the cached pretraining for a karyogram model of input side ``image_size``."""
+    """The settings of the cached pretraining for a karyogram model of input side ``image_size``.
+
+    Chromosomes are drawn at their scale in a karyogram of that side, but never below the
+    renderer's smallest karyogram (``karyo.karyograms.layout.MIN_SIZE``): a model whose input is
+    smaller (VGG16 at 32 px in the tests) starts from the weights for 64-px karyograms.
+    """
     bb = get_backbone(backbone)
-    karyogram_size = int(image_size if karyogram_size is None else karyogram_size)
+    karyogram_size = max(MIN_SIZE, int(image_size if karyogram_size is None else karyogram_size))
     return {"backbone": bb.name, "image_size": default_crop_size(karyogram_size, bb.min_size),
             "karyogram_size": karyogram_size, "epochs": DEFAULT_EPOCHS,
             "n_synthetic": DEFAULT_N_SYNTHETIC, "seed": 0, "stain": "both",

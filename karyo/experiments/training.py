@@ -235,7 +235,7 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     weights_arg, weights_used, weights_note = starting_weights(experiment.weights, experiment.backbone,
                                                                experiment.image_size)
-    if str(experiment.weights).lower() == "auto" and weights_used == "none":
+    if str(experiment.weights).lower() == "auto" and weights_used != "imagenet":
         warn(weights_note)
 
     started = time.time()
