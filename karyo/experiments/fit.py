@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from karyo import thesis
-from karyo.atomic import atomic_path, atomic_write_text
+from karyo.atomic import atomic_path, atomic_write_text, write_csv
 from karyo.data.pipeline import make_dataset, steps_per_epoch
 from karyo.models.features import cached_features
 from karyo.models.network import split_model
@@ -369,7 +369,4 @@ def write_history(path, history):
     columns = ["epoch", "phase"]
     for row in history:
         columns += [k for k in row if k not in columns]
-    lines = [",".join(columns)]
-    for row in history:
-        lines.append(",".join(str(row.get(c, "")) for c in columns))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_csv(path, history, columns)

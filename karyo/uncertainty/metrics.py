@@ -8,14 +8,11 @@ cytogeneticist buys (referral rate, accuracy and recall on the retained cases, a
 risk-coverage curve). Pure numpy and scikit-learn.
 """
 
-import csv
-import io
 import math
-from pathlib import Path
 
 import numpy as np
 
-from karyo.atomic import atomic_write_text
+from karyo.atomic import write_csv
 from karyo.errors import KaryoError
 
 #: Bins of the expected calibration error (15 equal-width bins, as in Guo et al. 2017).
@@ -348,9 +345,4 @@ def write_wrong_predictions(path, rows):
     """Write the wrong-prediction table as CSV (columns :data:`WRONG_COLUMNS`), atomically."""
     rows = list(rows)
     wrong = rows if rows and "mean_softmax" in rows[0] else wrong_predictions(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=WRONG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(wrong)
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
+    return write_csv(path, wrong, WRONG_COLUMNS)
