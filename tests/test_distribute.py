@@ -56,7 +56,8 @@ def test_mirrored_training_on_two_devices_matches_one_device(tmp_path):
             losses[distribute] = [float(row["loss"]) for row in csv.DictReader(fh)]
         configs[distribute] = json.loads((out / "config.json").read_text())
     assert "distribute" not in configs["none"]
-    assert configs["mirrored"]["distribute"] == {"strategy": "MirroredStrategy", "replicas": 2}
+    expected = {"distribute": "mirrored", "strategy": "MirroredStrategy", "replicas": 2}
+    assert configs["mirrored"]["distribute"] == expected
     # Each replica draws its own dropout masks on half of each batch: close, not bit-identical.
     # Measured (30 karyograms, 6 test images): training losses 1.03 0.94 0.90 0.82 on one device,
     # 1.06 1.04 0.85 0.78 mirrored; test accuracy 0.333 both, Brier 0.275 and 0.262.

@@ -83,7 +83,11 @@ def strategy_summary(strategy):
     """What a run's config records of its strategy (``None`` when it had none)."""
     if strategy is None:
         return None
-    return {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)}
+    # MultiWorkerMirroredStrategy's objects are of its implementation class, whose name says less.
+    name = ("multi-worker" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            else "mirrored" if isinstance(strategy, tf.distribute.MirroredStrategy) else type(strategy).__name__)
+    return {"distribute": name, "strategy": type(strategy).__name__,
+            "replicas": int(strategy.num_replicas_in_sync)}
 
 
 @dataclass(frozen=True)
