@@ -6,9 +6,12 @@ folder, how much the write needed and how much is free; the partial file or fold
 
 import contextlib
 import errno
+import csv
+import io
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from karyo.errors import KaryoError
@@ -156,3 +159,28 @@ def atomic_dir(path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def write_csv(path, rows, columns):
+    """Write ``rows`` under the header ``columns`` as a CSV file, atomically: every CSV karyo writes.
+
+    UTF-8, ``\\n`` line ends, Python's ``csv`` quoting (only where a value needs it); a missing
+    value or ``None`` is an empty field, and keys not in ``columns`` are left out.
+
+    Args:
+        path: the file to write.
+        rows: dicts (keyed by column) or sequences (in the order of ``columns``).
+        columns: the header, in order.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    columns = list(columns)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
+        writer.writerow(["" if v is None else v for v in values])
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)

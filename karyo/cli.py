@@ -29,6 +29,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"karyo: error: {message} (see '{self.prog} --help')\n")
 
 
+def _add_distribute_argument(p):
+    # The choices are karyo.experiments.fit.DISTRIBUTE_CHOICES, repeated here so that --help
+    # does not import TensorFlow.
+    p.add_argument("--distribute", choices=("none", "mirrored", "multi-worker"), default="none",
+                   help="train on several devices with TensorFlow's own strategies: mirrored (the GPUs of "
+                   "this machine) or multi-worker (several machines, each run with its TF_CONFIG); "
+                   "see README, Scaling out")
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -317,9 +326,11 @@ def _load_hyperparameters(path):
 
 
 def cmd_train(args):
+    from karyo.experiments.fit import distribution_strategy
     from karyo.experiments.registry import get_experiment
     from karyo.experiments.training import train_experiment
 
+    strategy = distribution_strategy(args.distribute)  # first: a multi-worker one must precede other TF work
     overrides = _load_hyperparameters(args.hyperparameters)
     fine_tune_epochs = args.fine_tune_epochs if args.fine_tune_epochs is not None else args.epochs
     overrides.update({k: v for k, v in {
@@ -331,7 +342,8 @@ def cmd_train(args):
     experiment = get_experiment(args.experiment, **overrides)
     run = train_experiment(experiment, args.data, args.out, protocol=args.split, seed=args.seed,
                            resume=args.resume, root=args.root, cache_dir=args.cache,
-                           class_weight=args.class_weight, verbose=1 if args.verbose else 2)
+                           class_weight=args.class_weight, verbose=1 if args.verbose else 2,
+                           strategy=strategy)
     _print_metrics(run)
     return 0
 
@@ -413,6 +425,7 @@ def add_model_commands(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of split, augmentation and weights")
     p.add_argument("--cache", type=Path, help="feature cache folder ($KARYO_CACHE or ~/.cache/karyo)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    _add_distribute_argument(p)
     p.add_argument("--verbose", action="store_true", help="per-batch progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -548,14 +561,16 @@ def add_reproduce_commands(sub):
 
 
 def cmd_transfer(args):
+    from karyo.experiments.fit import distribution_strategy
     from karyo.experiments.transfer import two_step
 
+    strategy = distribution_strategy(args.distribute)  # first: a multi-worker one must precede other TF work
     comparison = two_step(args.intermediate, args.target, args.out, experiment=args.experiment,
                           weights=args.weights, intermediate_size=args.intermediate_size,
                           image_size=args.image_size, epochs=args.epochs,
                           fine_tune_epochs=args.fine_tune_epochs, intermediate_epochs=args.intermediate_epochs,
                           intermediate_unfreeze=args.intermediate_unfreeze, mc_passes=args.mc, seed=args.seed,
-                          protocol=args.split, verbose=1 if args.verbose else 0)
+                          protocol=args.split, verbose=1 if args.verbose else 0, strategy=strategy)
     print(f"wrote {comparison}")
     return 0
 
@@ -603,6 +618,7 @@ def add_real_data_commands(sub):
     p.add_argument("--mc", type=_positive_int, help="MC Dropout passes (100)")
     p.add_argument("--split", choices=("grouped", "thesis"), default="grouped", help="split protocol")
     p.add_argument("--seed", type=int, default=0, help="seed of both arms")
+    _add_distribute_argument(p)
     p.add_argument("--verbose", action="store_true", help="per-epoch output")
     p.set_defaults(func=cmd_transfer)
 

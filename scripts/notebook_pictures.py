@@ -8,14 +8,12 @@ its source), downscaled to at most 720 pixels wide.
 
 import argparse
 import base64
-import os
 import tempfile
 from pathlib import Path
 
 import cv2
-import nbformat
 import numpy as np
-from nbclient import NotebookClient
+import papermill
 
 ROOT = Path(__file__).resolve().parents[1]
 PICK = {
@@ -44,14 +42,15 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         # No MPLBACKEND here: the kernel's inline backend is what turns figures into outputs.
-        os.environ.update(KARYO_NOTEBOOK_QUICK="0" if args.full else "1", KARYO_NOTEBOOK_OUT=work)
-        os.environ.setdefault("KARYO_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
+        parameters = {"QUICK": not args.full, "OUT": work, "DATA": str(ROOT.parent / "shared" / "data")}
         for name, marker in PICK.items():
             if args.names and name not in args.names:
                 continue
-            nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-            NotebookClient(nb, timeout=3600, kernel_name="python3",
-                           resources={"metadata": {"path": work}}).execute()
+            path = ROOT / "notebooks" / name
+            declared = papermill.inspect_notebook(str(path))
+            nb = papermill.execute_notebook(str(path), str(Path(work) / name), cwd=work, kernel_name="python3",
+                                            parameters={k: v for k, v in parameters.items() if k in declared},
+                                            execution_timeout=3600, progress_bar=False)
             image = cv2.imdecode(np.frombuffer(first_png(nb, marker), np.uint8), cv2.IMREAD_COLOR)
             if image.shape[1] > 720:
                 image = cv2.resize(image, None, fx=720 / image.shape[1], fy=720 / image.shape[1],

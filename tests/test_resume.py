@@ -62,7 +62,7 @@ def _fit(phase_dir, interrupt=None, monkeypatch=None, epochs=12, patience=2):
         keras.utils.set_random_seed(0)
         return build_head(16, 8, seed=0)
 
-    def fit(model):
+    def fit_phase(model):
         return fitting.fit_part(model, *data, epochs, 8, 1e-2, phase_dir, phase_dir.parent / "logs",
                                 patience, 0, verbose=0)
 
@@ -80,11 +80,11 @@ def _fit(phase_dir, interrupt=None, monkeypatch=None, epochs=12, patience=2):
 
         monkeypatch.setattr(fitting, "phase_callbacks", with_interrupt)
         with pytest.raises(_Interrupted):
-            fit(head())
+            fit_phase(head())
         monkeypatch.setattr(fitting, "phase_callbacks", real)
         assert not (phase_dir / "done.weights.h5").exists()
     model = head()
-    history = fit(model)
+    history = fit_phase(model)
     return model.get_weights(), history
 
 

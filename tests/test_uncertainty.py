@@ -65,6 +65,18 @@ def test_agreeing_passes_have_no_mutual_information():
     assert s["std_prob"] == pytest.approx([0, 0], abs=1e-15)
 
 
+def test_certain_passes_have_zero_entropy_without_a_warning():
+    import warnings
+
+    # 0 * log(0) is taken as its limit 0 (scipy's xlogy), not computed as 0 * -inf = nan.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        binary = summarize_passes(np.array([[0.0, 1.0], [0.0, 1.0]]))
+        multi = summarize_passes(np.array([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]]))
+    assert binary["entropy"].tolist() == [0.0, 0.0] and binary["mutual_info"].tolist() == [0.0, 0.0]
+    assert multi["entropy"][0] == pytest.approx(math.log(2)) and multi["mutual_info"][0] == pytest.approx(math.log(2))
+
+
 def test_single_pass():
     s = summarize_passes([[0.3, 0.8, 0.5]])
     assert s["pred"].tolist() == [0, 1, 1]  # p = 0.5 votes abnormal: p >= decision

@@ -58,15 +58,13 @@ chromosome 21 are 0.075 apart. Distinct cells, which is what a dataset holds, ne
 than 0.129.
 """
 
-import csv
-import io
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from karyo import thesis
-from karyo.atomic import atomic_write_text
+from karyo.atomic import write_csv
 from karyo.data.imageio import decode_image
 from karyo.data.splits import PARTS, PROTOCOLS
 from karyo.errors import KaryoError, SplitError
@@ -382,12 +380,8 @@ def leakage_summary(rows, pairs, protocol, threshold=DEFAULT_THRESHOLD):
 
 def write_pairs(path, pairs):
     """Write :func:`near_duplicates` pairs as a CSV (``part_a,path_a,part_b,path_b,distance``), atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["part_a", "path_a", "part_b", "path_b", "distance"])
-    for part_a, path_a, part_b, path_b, distance in pairs:
-        writer.writerow([part_a, path_a, part_b, path_b, f"{distance:.4f}"])
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, [(a, pa, b, pb, f"{d:.4f}") for a, pa, b, pb, d in pairs],
+              ("part_a", "path_a", "part_b", "path_b", "distance"))
     return path
 
 

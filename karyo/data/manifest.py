@@ -15,7 +15,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from karyo.atomic import atomic_write_text
+from karyo.atomic import write_csv
 from karyo.errors import ImageError, ManifestError
 from karyo.data.imageio import decode_image, is_image_path
 from karyo.data.splits import split_rows
@@ -149,13 +149,7 @@ def write_manifest(path, rows, columns=None):
                 columns.append(key)
     ordered = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in columns]
     ordered += [c for c in columns if c not in ordered]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=ordered, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in ordered})
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
+    return write_csv(path, rows, ordered)
 
 
 def default_labels(rows):

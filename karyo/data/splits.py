@@ -31,6 +31,13 @@ def split_groups(labels, groups, fractions=THESIS_FRACTIONS, seed=0):
     label, groups are shuffled with ``seed`` and laid along the cumulative image count: a group
     whose midpoint falls in the first 20 % goes to test, the next 16 % to val, the rest to train.
 
+    Why not scikit-learn's ``StratifiedGroupKFold`` (a test fold of 5, then a validation fold
+    of 5 of the rest)? It keeps groups whole and is deterministic too, but it does not promise
+    every label in every part, and measured over 50 seeds it strays further from the thesis'
+    64/16/20 and from the overall abnormal share on one-image groups (the alpha-dataset: share
+    off by 0.010 vs 0.006 on average; the 28-image tiny preset: 0.051 vs 0.024, at worst 0.179);
+    it does better only on cases of several images (0.008 vs 0.022).
+
     Returns:
         dict group -> part name.
 

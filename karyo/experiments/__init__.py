@@ -34,8 +34,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
         ],
         'fit': [
-            'FitConfig', 'two_phase_fit', 'seed_generators', 'read_backup_state', 'epoch_seeding', 'phase_callbacks',
-            'compile_model', 'fit_part', 'read_history', 'write_history',
+            'distribution_strategy', 'strategy_scope', 'strategy_summary', 'FitConfig', 'two_phase_fit',
+            'seed_generators', 'read_backup_state', 'epoch_seeding', 'phase_callbacks', 'compile_model', 'fit_part',
+            'read_history', 'write_history',
         ],
         'hypermodel': [
             'batch_size_choices', 'unfreeze_choices', 'unfreeze_value', 'compile_trial', 'fit_trial',

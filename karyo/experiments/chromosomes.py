@@ -29,7 +29,7 @@ from karyo.data.pipeline import label_indices, load_images
 from karyo.data.splits import split_by_case
 from karyo.errors import KaryoError
 from karyo.experiments import figures
-from karyo.experiments.fit import FitConfig, two_phase_fit, write_history
+from karyo.experiments.fit import FitConfig, strategy_scope, two_phase_fit, write_history
 from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.training import environment
 from karyo.models.features import default_cache_dir
@@ -48,7 +48,7 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
                                 epochs=5, batch_size=32, lr=1e-3, seed=0, cache_dir=None,
                                 unfreeze="all", fine_tune_epochs=None,
                                 fine_tune_lr=DEFAULT_FINE_TUNE_LR, patience=3, root=None,
-                                exclude_groups=(), mc_passes=20, verbose=0, progress=True):
+                                exclude_groups=(), mc_passes=20, verbose=0, progress=True, strategy=None):
     """Train the 24-class single-chromosome classifier into a run folder; return the folder.
 
     Args:
@@ -72,6 +72,7 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
             when both tasks come from the same patients).
         mc_passes: MC Dropout passes averaged for the test predictions.
         verbose: Keras' fit verbosity.
+        strategy: a ``tf.distribute`` strategy to build and train the model in (``None``: one device).
 
     Raises:
         KaryoError: unknown labels, an empty split, a bad backbone or image size.
@@ -105,15 +106,16 @@ def train_chromosome_classifier(manifest, out, backbone="vgg16", image_size=64, 
     labels = {p: label_indices(r, CHROMOSOME_LABELS) for p, r in parts.items()}
 
     keras.utils.set_random_seed(seed)
-    model = build_model(backbone, image_size, weights=weights_arg, n_outputs=len(CHROMOSOME_LABELS),
-                        seed=seed)
     key = [backbone, weights_identity(weights_used, weights_arg, seed), image_size, "chromosomes"]
     fine_tune_epochs = epochs if fine_tune_epochs is None else int(fine_tune_epochs)
-    n_blocks_arg(unfreeze, len(backbone_blocks(model)))  # a bad depth fails before training
     config = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, unfreeze=unfreeze,
                        fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, patience=patience,
                        seed=seed, monitor="val_accuracy", verbose=verbose, progress=progress)
-    history = two_phase_fit(model, images, labels, config, out, cache_dir, key)
+    with strategy_scope(strategy):
+        model = build_model(backbone, image_size, weights=weights_arg, n_outputs=len(CHROMOSOME_LABELS),
+                            seed=seed)
+        n_blocks_arg(unfreeze, len(backbone_blocks(model)))  # a bad depth fails before training
+        history = two_phase_fit(model, images, labels, config, out, cache_dir, key)
     with atomic_path(out / "model.keras") as tmp:
         model.save(tmp)
     write_history(out / "history.csv", history)

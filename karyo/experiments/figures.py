@@ -153,28 +153,22 @@ def plot_confusion_matrix(labels, pred, out, class_names=("normal", "abnormal"),
         class_names: the classes in index order (abnormal, index 1, is the positive class).
         title: the figure's title.
     """
-    from sklearn.metrics import confusion_matrix as counts_of
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     class_names = [str(c) for c in class_names]
     k = len(class_names)
-    counts = counts_of(_class_indices(labels, class_names), _class_indices(pred, class_names),
-                       labels=list(range(k)))
     side = min(max(4.8, 0.38 * k + 2.5), 12)
     fig, ax = _figure(figsize=(side + 1.0, side))
-    image = ax.imshow(counts, cmap="Blues", vmin=0)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="images")
-    ticks = np.arange(k)
-    ax.set_xticks(ticks, class_names, rotation=0 if k <= 4 else 90)
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("Predicted label")
-    ax.set_ylabel("Actual label")
     size = "large" if k <= 4 else ("small" if k <= 12 else "x-small")
-    middle = counts.max() / 2 if counts.size else 0
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=size,
-                    color="white" if counts[i, j] > middle else "black")
-    ax.set_title(f"{title} (n = {int(counts.sum())})")
+    # scikit-learn's display draws the counts, the annotations and the axes; the colour scale
+    # starts at 0 (a matrix without a zero cell would otherwise look emptier than it is).
+    display = ConfusionMatrixDisplay.from_predictions(
+        _class_indices(labels, class_names), _class_indices(pred, class_names), labels=list(range(k)),
+        display_labels=class_names, ax=ax, cmap="Blues", colorbar=False, values_format="d",
+        xticks_rotation=0 if k <= 4 else 90, text_kw={"fontsize": size}, im_kw={"vmin": 0})
+    fig.colorbar(display.im_, ax=ax, shrink=0.8, label="images")
+    ax.set_ylabel("Actual label")
+    ax.set_title(f"{title} (n = {int(display.confusion_matrix.sum())})")
     return _save(fig, out)
 
 
@@ -187,7 +181,7 @@ def plot_roc_curves(curves, out, title="ROC curve"):
         out: the PNG to write.
         title: the figure's title.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import RocCurveDisplay
 
     fig, ax = _figure(figsize=(5.6, 5.2))
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="chance")
@@ -198,12 +192,9 @@ def plot_roc_curves(curves, out, title="ROC curve"):
             # No ROC exists for one class; keep the entry visible so its absence is explained.
             ax.plot([], [], label=f"{name} (one class: no ROC)")
             continue
-        fpr, tpr, _ = roc_curve(labels, scores)
-        auc = roc_auc_score(labels, scores)
-        ax.plot(fpr, tpr, linewidth=2, label=f"{name} (AUC = {auc:.3f})")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
+        # scikit-learn's display draws the curve and sets the square unit axes.
+        display = RocCurveDisplay.from_predictions(labels, scores, pos_label=1, ax=ax)
+        display.line_.set(linewidth=2, label=f"{name} (AUC = {display.roc_auc:.3f})")
     ax.set_xlabel("False positive rate (1 - specificity)")
     ax.set_ylabel("True positive rate (recall)")
     ax.grid(alpha=0.3)

@@ -11,9 +11,11 @@ restored) and a backup that lets a killed phase resume to the same result.
 chromosome task (:mod:`.chromosomes`) call; :func:`fit_part` fits one phase.
 """
 
+import contextlib
 import csv
 import functools
 import json
+import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -21,14 +23,71 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from karyo import thesis
-from karyo.atomic import atomic_path, atomic_write_text
+from karyo.atomic import atomic_path, atomic_write_text, write_csv
 from karyo.data.pipeline import make_dataset, steps_per_epoch
+from karyo.errors import KaryoError
 from karyo.models.features import cached_features
 from karyo.models.network import split_model
 from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE, unfreeze_blocks
+
+
+#: ``--distribute`` choices: one device, TensorFlow's MirroredStrategy (the devices of one
+#: machine) or its MultiWorkerMirroredStrategy (several machines, described by ``TF_CONFIG``).
+DISTRIBUTE_CHOICES = ("none", "mirrored", "multi-worker")
+
+
+def distribution_strategy(distribute="none"):
+    """TensorFlow's own distribution strategy for ``distribute`` (one of :data:`DISTRIBUTE_CHOICES`).
+
+    Create it first, before any other TensorFlow work (``MultiWorkerMirroredStrategy`` must be),
+    and build and train the model in its scope (:func:`strategy_scope`). ``mirrored`` replicates
+    the model on every GPU, or on every logical CPU device when there is no GPU; each batch of
+    ``batch_size`` images is split across the replicas and their gradients summed.
+
+    Returns:
+        ``None`` for ``none`` (the default device), else the ``tf.distribute.Strategy``.
+
+    Raises:
+        KaryoError: an unknown name, or ``multi-worker`` without a valid ``TF_CONFIG``.
+    """
+    name = str(distribute or "none").lower()
+    if name == "none":
+        return None
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi-worker":
+        text = os.environ.get("TF_CONFIG", "")
+        try:
+            cluster = json.loads(text)["cluster"]
+        except (ValueError, KeyError, TypeError):
+            raise KaryoError("--distribute multi-worker needs TF_CONFIG, the JSON that names every worker "
+                             "and this one's index, e.g. {\"cluster\": {\"worker\": [\"host1:12345\", "
+                             "\"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}") from None
+        if not cluster.get("worker"):
+            raise KaryoError("--distribute multi-worker: TF_CONFIG's cluster lists no worker")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise KaryoError(f"--distribute {distribute}: choose from {', '.join(DISTRIBUTE_CHOICES)}")
+
+
+def strategy_scope(strategy):
+    """``strategy.scope()``, or a no-op for ``None``: where a model is built and compiled."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def strategy_summary(strategy):
+    """What a run's config records of its strategy (``None`` when it had none)."""
+    if strategy is None:
+        return None
+    # MultiWorkerMirroredStrategy's objects are of its implementation class, whose name says less.
+    name = ("multi-worker" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            else "mirrored" if isinstance(strategy, tf.distribute.MirroredStrategy) else type(strategy).__name__)
+    return {"distribute": name, "strategy": type(strategy).__name__,
+            "replicas": int(strategy.num_replicas_in_sync)}
 
 
 @dataclass(frozen=True)
@@ -369,7 +428,4 @@ def write_history(path, history):
     columns = ["epoch", "phase"]
     for row in history:
         columns += [k for k in row if k not in columns]
-    lines = [",".join(columns)]
-    for row in history:
-        lines.append(",".join(str(row.get(c, "")) for c in columns))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_csv(path, history, columns)

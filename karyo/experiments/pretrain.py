@@ -463,7 +463,7 @@ def chromosome_weights(backbone, image_size, karyogram_size=None, progress=True,
         backbone: a registered backbone name.
         image_size: input side of the karyogram model the weights are for.
         karyogram_size: the karyograms' side if it differs (default ``image_size``).
-        cache_dir: default ``$KARYO_CACHE`` (``karyo.experiments.training.default_cache_dir``).
+        cache_dir: default ``$KARYO_CACHE`` (``karyo.models.features.default_cache_dir``).
 
     Returns:
         Path of ``backbone.weights.h5``.

@@ -39,7 +39,7 @@ from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, read_manifest,
 from karyo.data.pipeline import label_indices, load_images
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
-from karyo.experiments.fit import FitConfig, two_phase_fit, write_history
+from karyo.experiments.fit import FitConfig, strategy_scope, strategy_summary, two_phase_fit, write_history
 from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.runs import evaluate_run
 from karyo.models.backbones import get_backbone
@@ -161,17 +161,21 @@ def _member_dir(run_dir, member, ensemble):
 
 
 def train_model(experiment, images, labels, run_dir, seed, cache_dir, weights_arg, weights_used,
-                class_weight=None, verbose=1):
-    """Train one network of an experiment with the thesis' two-phase fit; return ``(model, history_rows)``."""
+                class_weight=None, verbose=1, strategy=None):
+    """Train one network of an experiment with the thesis' two-phase fit; return ``(model, history_rows)``.
+
+    With a ``strategy`` (``karyo.experiments.fit.distribution_strategy``) the model is built,
+    compiled and trained in its scope."""
     keras.utils.set_random_seed(seed)
-    model = build_model(experiment.backbone, experiment.image_size, weights=weights_arg,
-                        dense_units=experiment.dense_units, dropout=experiment.dropout, seed=seed)
     config = FitConfig(epochs=experiment.epochs, batch_size=experiment.batch_size, lr=experiment.lr,
                        unfreeze=experiment.unfreeze, fine_tune_epochs=experiment.fine_tune_epochs,
                        fine_tune_lr=experiment.fine_tune_lr, patience=experiment.patience, seed=seed,
                        class_weight=class_weight, verbose=verbose, progress=verbose > 0)
     cache_key = [experiment.backbone, weights_identity(weights_used, weights_arg, seed), experiment.image_size]
-    return model, two_phase_fit(model, images, labels, config, run_dir, cache_dir, cache_key)
+    with strategy_scope(strategy):
+        model = build_model(experiment.backbone, experiment.image_size, weights=weights_arg,
+                            dense_units=experiment.dense_units, dropout=experiment.dropout, seed=seed)
+        return model, two_phase_fit(model, images, labels, config, run_dir, cache_dir, cache_key)
 
 
 def print_warning(text):
@@ -181,7 +185,7 @@ def print_warning(text):
 
 def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=False, root=None,
                      cache_dir=None, data_dir=None, class_weight=None, verbose=1, progress=True,
-                     warn=print_warning):
+                     warn=print_warning, strategy=None):
     """Train ``experiment`` on the manifest ``data`` and evaluate it; return the run folder.
 
     Args:
@@ -197,6 +201,8 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
         class_weight: ``None`` or ``"balanced"`` (scikit-learn's inverse class frequency).
         warn: called with the text of each warning (the thesis protocol's leakage, ``auto``
             weights falling back to none); ``karyo reproduce`` collects them to print each once.
+        strategy: a ``tf.distribute`` strategy (``karyo.experiments.fit.distribution_strategy``)
+            to train in; ``None``: the default device.
 
     Raises:
         KaryoError: the run folder exists without ``resume``, the data is unusable, or the
@@ -220,7 +226,7 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
     created = not out.exists()
     try:
         return _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight,
-                          verbose, progress, warn)
+                          verbose, progress, warn, strategy)
     except KaryoError:
         # A run that failed on its input leaves nothing behind (a killed one keeps its files to resume).
         if created:
@@ -229,7 +235,7 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
 
 
 def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight, verbose,
-               progress, warn):
+               progress, warn, strategy):
 
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -267,6 +273,8 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
         "weights_note": weights_note, "class_weight": class_weight,
         "environment": environment(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if strategy is not None:
+        config["distribute"] = strategy_summary(strategy)
     _write_json(out / CONFIG_NAME, config)
 
     members = []
@@ -278,7 +286,7 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
             model = load_model(model_path)
         else:
             model, history = train_model(experiment, images, labels, member_dir, seed + 1000 * m,
-                                         cache_dir, weights_arg, weights_used, class_weight, verbose)
+                                         cache_dir, weights_arg, weights_used, class_weight, verbose, strategy)
             with atomic_path(model_path) as tmp:
                 model.save(tmp)
             write_history(member_dir / "history.csv", history)

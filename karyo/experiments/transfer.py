@@ -60,7 +60,7 @@ def two_step(intermediate, target, out, experiment="vgg16_augmented", weights="a
              intermediate_size=32, image_size=None, epochs=None, fine_tune_epochs=None,
              intermediate_epochs=3, intermediate_unfreeze="all", patience=None, mc_passes=None,
              seed=0, protocol="grouped", cache_dir=None, target_root=None, intermediate_root=None,
-             verbose=0, progress=True, log=print):
+             verbose=0, progress=True, log=print, strategy=None):
     """Two-step vs one-step transfer on a karyogram target; return ``out/comparison.json``.
 
     Args:
@@ -78,6 +78,7 @@ def two_step(intermediate, target, out, experiment="vgg16_augmented", weights="a
             frozen backbone the hand-over would copy the starting weights unchanged).
         seed, protocol: the same for both arms (same split, same initial head).
         cache_dir: backbone feature cache (default ``out/cache``).
+        strategy: a ``tf.distribute`` strategy every model is built and trained in (``None``: one device).
 
     Returns:
         path of ``comparison.json`` (also ``comparison.md``).
@@ -103,7 +104,7 @@ def two_step(intermediate, target, out, experiment="vgg16_augmented", weights="a
         intermediate, out / "intermediate", backbone=exp.backbone, image_size=intermediate_size,
         weights=weights, epochs=intermediate_epochs, unfreeze=intermediate_unfreeze, seed=seed,
         cache_dir=cache_dir, root=intermediate_root, exclude_groups=excluded, verbose=verbose,
-        progress=progress)
+        progress=progress, strategy=strategy)
     arms = {"one_step": replace(exp, weights=weights),
             "two_step": replace(exp, weights=str((inter / "model.keras").resolve()))}
     for arm, arm_exp in arms.items():
@@ -114,7 +115,7 @@ def two_step(intermediate, target, out, experiment="vgg16_augmented", weights="a
         log(f"{arm}: {arm_exp.name} from weights {arm_exp.weights}")
         train_experiment(arm_exp, target, run, protocol=protocol, seed=seed, resume=run.exists(),
                          root=target_root, cache_dir=cache_dir, data_dir=out / "data",
-                         verbose=verbose, progress=progress)
+                         verbose=verbose, progress=progress, strategy=strategy)
     return write_comparison(out)
 
 

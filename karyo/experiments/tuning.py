@@ -86,7 +86,7 @@ import keras
 import keras_tuner
 import numpy as np
 
-from karyo.atomic import atomic_write_text
+from karyo.atomic import atomic_write_text, write_csv
 from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, sha256_file
 from karyo.data.pipeline import label_indices, load_images
 from karyo.errors import KaryoError
@@ -150,15 +150,6 @@ def _trial_rows(oracle, project_dir, fixed):
             "tuner": tuner, "error": error,
         })
     return rows
-
-
-def _write_trials_csv(path, rows):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=TRIAL_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in TRIAL_COLUMNS})
-    atomic_write_text(path, buffer.getvalue())
 
 
 def read_trials(path):
@@ -457,7 +448,7 @@ def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels,
     rows = _trial_rows(oracle, project_dir, fixed)
     for row in rows:
         row["unfreeze"] = unfreeze_value(row["unfreeze"] or 0, settings["backbone"])
-    _write_trials_csv(out_dir / "trials.csv", rows)
+    write_csv(out_dir / "trials.csv", rows, TRIAL_COLUMNS)
     completed = [r for r in rows if r["status"] == "completed" and r["val_loss"] is not None]
     failed = [r for r in rows if r["status"] == "failed"]
     if not completed:

@@ -21,9 +21,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy.special import xlogy
 
 from karyo import thesis
-from karyo.atomic import atomic_write_text
+from karyo.atomic import write_csv
 from karyo.errors import KaryoError
 
 #: The thesis' referral threshold and number of MC Dropout passes per image (3.4).
@@ -36,13 +37,6 @@ PREDICTION_COLUMNS = (
 _FLOAT_COLUMNS = ("confidence", "mean_prob", "std_prob", "entropy", "mutual_info")
 # Softmax outputs of float32 models sum to 1 within ~1e-6; a larger gap means logits were passed.
 _SUM_TOLERANCE = 1e-3
-
-
-def _plogp(p):
-    """Elementwise p * log(p) with the limit 0 at p = 0."""
-    p = np.asarray(p, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
 
 
 def _check_probs(probs):
@@ -126,8 +120,8 @@ def summarize_passes(probs, threshold=DEFAULT_THRESHOLD, decision=0.5):
         votes = np.where(pred == 1, votes_abnormal, passes - votes_abnormal)
         mean_prob = probs.mean(axis=0)
         std_prob = probs.std(axis=0)
-        entropy = -(_plogp(mean_prob) + _plogp(1 - mean_prob))
-        pass_entropy = -(_plogp(probs) + _plogp(1 - probs)).mean(axis=0)
+        entropy = -(xlogy(mean_prob, mean_prob) + xlogy(1 - mean_prob, 1 - mean_prob))
+        pass_entropy = -(xlogy(probs, probs) + xlogy(1 - probs, 1 - probs)).mean(axis=0)
         extra = {"votes_abnormal": votes_abnormal.astype(np.int64)}
     else:
         classes = probs.shape[2]
@@ -141,8 +135,8 @@ def summarize_passes(probs, threshold=DEFAULT_THRESHOLD, decision=0.5):
         votes = np.take_along_axis(votes_per_class, pred[:, None], axis=-1)[:, 0]
         mean_prob = np.take_along_axis(mean_probs, pred[:, None], axis=-1)[:, 0]
         std_prob = np.take_along_axis(probs.std(axis=0), pred[:, None], axis=-1)[:, 0]
-        entropy = -_plogp(mean_probs).sum(axis=-1)
-        pass_entropy = -_plogp(probs).sum(axis=-1).mean(axis=0)
+        entropy = -xlogy(mean_probs, mean_probs).sum(axis=-1)
+        pass_entropy = -xlogy(probs, probs).sum(axis=-1).mean(axis=0)
         extra = {"votes_per_class": votes_per_class.astype(np.int64), "mean_probs": mean_probs}
     confidence = votes / passes
     # Jensen: H(mean) >= mean(H); the difference can be -1e-17 from rounding.
@@ -231,14 +225,7 @@ def write_predictions(path, rows):
     Floats are written at full precision (Python's shortest round-trip form), so metrics
     recomputed from the file equal those computed from the arrays.
     """
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_columns(rows), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
+    return write_csv(path, rows, _columns(rows))
 
 
 _TRUE = {"true", "1", "yes"}

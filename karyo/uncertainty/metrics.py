@@ -8,15 +8,12 @@ cytogeneticist buys (referral rate, accuracy and recall on the retained cases, a
 risk-coverage curve). Pure numpy and scikit-learn.
 """
 
-import csv
-import io
 import math
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from karyo.atomic import atomic_write_text
+from karyo.atomic import write_csv
 from karyo.data.manifest import CHROMOSOME_LABELS
 from karyo.errors import KaryoError
 
@@ -350,12 +347,7 @@ def write_wrong_predictions(path, rows):
     """Write the wrong-prediction table as CSV (columns :data:`WRONG_COLUMNS`), atomically."""
     rows = list(rows)
     wrong = rows if rows and "mean_softmax" in rows[0] else wrong_predictions(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=WRONG_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(wrong)
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
+    return write_csv(path, wrong, WRONG_COLUMNS)
 
 
 def chromosome_metrics(labels, pred, class_names=CHROMOSOME_LABELS):
