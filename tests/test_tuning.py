@@ -282,14 +282,14 @@ def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
     hypermodel = KaryogramHyperModel(
         "vgg16", 32, None, key, "extended", (1e-4, 1e-2), [8], 1, 0, pooled["train"].shape[-1],
         tmp_path, 16, 0.5, 1e-5)
-    hypermodel.set_data(images, labels, pooled)
+    data = {"images": images, "labels": labels, "pooled": pooled}
     hp = keras_tuner.HyperParameters()
     hypermodel.declare_hyperparameters(hp)
     assert set(hp.values) == {"lr", "batch_size", "unfreeze", "dropout"}
     for depth in (0, 1, 2):
         hp.values.update(unfreeze=depth, dropout=0.3)
         model = hypermodel.build(hp)
-        result = hypermodel.fit(hp, model)
+        result = hypermodel.fit(hp, model, data=data)
         assert np.isfinite(result["val_loss"]) and 0 <= result["val_accuracy"] <= 1
         head = model if depth == 0 else model.get_layer("head")  # the head alone, or the network
         assert head.get_layer("mc_dropout_1").rate == pytest.approx(0.3)

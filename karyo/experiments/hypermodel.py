@@ -96,8 +96,9 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
 
     ``build(hp)`` returns the trainable part: the head on pooled features (``unfreeze`` 0)
     or the whole network (``unfreeze`` > 0, split into phases in ``fit``).
-    ``fit(hp, model)`` applies the batch size and trains on the data given to
-    :meth:`set_data`; it returns the best epoch's ``val_loss`` and ``val_accuracy``.
+    ``fit(hp, model, data)`` applies the batch size and trains on ``data``, which arrives as
+    keras-tuner's guide has it, through ``tuner.search(data=...)``; it returns the best epoch's
+    ``val_loss`` and ``val_accuracy``.
     """
 
     def __init__(self, backbone, image_size, weights_arg, cache_key, space, lr_range,
@@ -111,11 +112,6 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         self.dense_units, self.dropout, self.fine_tune_lr = dense_units, dropout, fine_tune_lr
         self.unfreeze = unfreeze_choices(backbone) if space == "extended" else [0]
         self.progress = progress
-        self.data = None
-
-    def set_data(self, images, labels, pooled):
-        """Training and validation images, labels and pooled features (dicts by split)."""
-        self.data = {"images": images, "labels": labels, "pooled": pooled}
 
     def values(self, hp):
         """Register the search space in ``hp`` (idempotent) and return this trial's values."""
@@ -148,14 +144,14 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         return build_model(self.backbone, self.image_size, weights=self.weights_arg,
                            dense_units=v["dense_units"], dropout=v["dropout"], seed=self.seed)
 
-    def fit(self, hp, model, *args, verbose=0, **kwargs):
+    def fit(self, hp, model, *args, data=None, verbose=0, **kwargs):
+        """Train a trial on ``data``: ``{"images", "labels", "pooled"}``, each a dict by split."""
         # keras-tuner's callbacks (a checkpoint of every best epoch) are not used: the
         # search keeps hyperparameters, not models.
-
-        if self.data is None:
-            raise KaryoError("the hypermodel has no data (set_data was not called)")
+        if data is None:
+            raise KaryoError("a trial needs data: pass it to the search, tuner.search(data=...)")
         v = self.values(hp)
-        labels, pooled = self.data["labels"], self.data["pooled"]
+        labels, pooled = data["labels"], data["pooled"]
         y_train, y_val = labels["train"], labels["val"]
         if v["unfreeze"] == 0:
             return fit_trial(model, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
@@ -168,7 +164,7 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         k = v["unfreeze"]
         unfreeze_blocks(model, k)
         frozen, trainable = split_model(model, k)
-        images = self.data["images"]
+        images = data["images"]
         if frozen is None:  # every block unfrozen: the network trains on the images
             x = {p: images[p].astype("float32") for p in ("train", "val")}
         else:

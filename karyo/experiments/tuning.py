@@ -372,15 +372,15 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
                                      batch_sizes, epochs, seed, 0, cache_dir, DEFAULT_DENSE_UNITS,
                                      DEFAULT_DROPOUT, FINE_TUNE_LEARNING_RATE,
                                      progress=progress and verbose == 0)
+    data = None
     if role == "chief" or _finished(out_dir, max_trials):
         # No trial will run here: the chief only serves the oracle, and a finished search
         # only rewrites its results. The head's input width is all that is needed.
         hypermodel.input_dim = _pooled_dim(backbone, int(image_size))
     else:
-        hypermodel.set_data(*_load_data(prepared, parts, labels, backbone, image_size,
-                                        weights_arg, cache_key, cache_dir, seed,
-                                        progress and verbose == 0))
-        hypermodel.input_dim = int(hypermodel.data["pooled"]["train"].shape[-1])
+        data = _load_data(prepared, parts, labels, backbone, image_size, weights_arg, cache_key,
+                          cache_dir, seed, progress and verbose == 0)
+        hypermodel.input_dim = int(data["pooled"]["train"].shape[-1])
 
     bar = None
     if progress and verbose == 0 and role != "chief":
@@ -395,7 +395,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         bar.update(sum(t.status in ("COMPLETED", "FAILED") for t in tuner.oracle.trials.values()))
     stopped = None
     try:
-        tuner.search(verbose=verbose)
+        tuner.search(data=data, verbose=verbose)
     except SearchFailed as exc:
         stopped = exc
     finally:
@@ -430,14 +430,14 @@ def _finished(out_dir, max_trials):
 
 def _load_data(prepared, parts, labels, backbone, image_size, weights_arg, cache_key, cache_dir,
                seed, progress):
-    """Images, labels and cached pooled features of the training and validation splits."""
-
+    """A trial's data: images, labels and cached pooled features of the training and validation
+    splits, as ``{"images": ..., "labels": ..., "pooled": ...}``."""
     images = {p: load_images(prepared, rows, int(image_size), progress, p) for p, rows in parts.items()}
     # The same network (and seed) as karyo train builds, so the cached features are shared.
     frozen, _ = split_model(build_model(backbone, int(image_size), weights=weights_arg, seed=seed), 0)
     pooled = {p: cached_features(frozen, images[p], cache_key + ["pooled"], cache_dir,
                                  progress=progress) for p in parts}
-    return images, labels, pooled
+    return {"images": images, "labels": labels, "pooled": pooled}
 
 
 def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels, max_trials,
