@@ -50,11 +50,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from karyo import __version__, thesis
 from karyo.atomic import atomic_write_text
-from karyo.data.imageio import resize
+from karyo.data.imageio import encode_png, resize
 from karyo.data.manifest import read_manifest
 from karyo.data.pipeline import load_images, make_dataset
 from karyo.errors import KaryoError
@@ -207,8 +208,6 @@ def _alternate(measures, repeats, warm_up=True):
 
 def _epoch_timer():
     """A Keras callback recording the duration of every epoch in ``.seconds``."""
-    import keras
-
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
@@ -360,8 +359,6 @@ def count_macs(model):
     pointwise kernels). Pooling, normalisation and activations are not counted (a few percent).
     One MAC is two FLOPs.
     """
-    import keras
-
     total = 0
 
     def visit(layer):
@@ -389,8 +386,6 @@ def bench_backbone_throughput(cfg, images, folder=None):
     the share of the limit a backbone reaches compares two measurements under the same load
     (the machine may be shared). ``folder`` is not used (every section takes one).
     """
-    import keras
-
     x = _resized_pool(images, cfg["images"], cfg["size"]).astype(np.float32)
     batch, matmul_n = int(cfg["batch_size"]), int(cfg["matmul_n"])
     result = {"image_size": cfg["size"], "images": cfg["images"], "batch_size": batch,
@@ -604,8 +599,6 @@ def bench_tuner_trial(cfg, images, folder):
     ``folder`` receives the feature cache and keras-tuner's project folders.
     """
     cache_dir, workdir = Path(folder) / "cache", Path(folder) / "tuner"
-    import keras
-
     x = _resized_pool(images, cfg["images"], cfg["size"], seed=2)
     y = _labels(len(x))
     n_val = max(2, len(x) // 4)
@@ -672,10 +665,6 @@ def _tiny_run(folder, size):
 
     What is measured is the input pipeline's memory, which a big backbone would only slow down.
     """
-    import keras
-
-    from karyo.models.network import build_head
-
     keras.utils.set_random_seed(0)
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Conv2D(8, 5, strides=8, activation="relu")(inputs)
@@ -719,14 +708,11 @@ def bench_predict_memory(cfg, images, folder):
     import shutil
     import sys
 
-    import karyo
-    from karyo.data.imageio import encode_png, resize
-
     size, counts, passes = int(cfg["size"]), tuple(cfg["counts"]), int(cfg["T"])
     run = _tiny_run(folder / "run", size)
     picture = encode_png(resize(np.asarray(images[0]), size)[:, :, 0])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([str(Path(karyo.__file__).resolve().parents[1]),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                            os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     streamed_cmd = [sys.executable, "-m", "karyo", "predict", "--model", str(run), "--mc", str(passes)]
     data = folder / "karyograms"
@@ -769,7 +755,6 @@ def bench_predict_memory(cfg, images, folder):
 
 def machine_info():
     """Cores, library versions and platform (recorded with every benchmark)."""
-    import keras
     import tensorflow as tf
 
     cpu = platform.processor() or ""
@@ -897,7 +882,6 @@ def run_bench(quick=False, out=None, progress=True, tiny=False, sections=None,
     Raises:
         KaryoError: an unknown section name, or ``out`` cannot be written.
     """
-    import keras
     from tqdm.auto import tqdm
 
     chosen = tuple(SECTIONS if sections is None else sections)

@@ -37,14 +37,11 @@ def load_paths(paths, size):
     Unreadable files are skipped and reported as ``(path, reason)`` instead of raising, for
     ``karyo predict`` on folders where one bad file must not stop the rest.
     """
-    images, good, problems = [], [], []
-    for path in paths:
-        try:
-            images.append(read_image(path, size))
-            good.append(path)
-        except ImageError as exc:
-            problems.append((str(path), exc.reason))
-    array = np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
+    problems, arrays, good = [], [], []
+    for array, names in stream_paths(paths, size, problems):
+        arrays.append(array)
+        good += names
+    array = np.concatenate(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)
     return array, good, problems
 
 
