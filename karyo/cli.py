@@ -297,6 +297,9 @@ def cmd_list(args):
         if e.family != current:
             current = e.family
             print("Thesis Table 5.1 rows:" if current == "thesis" else "\nBeyond the thesis:")
+        if e.kind == "detector":
+            print(f"  {e.name:<{width}}  {e.title} (grouped protocol)")
+            continue
         unfreeze = {0: "frozen backbone", "all": "entire network trained"}.get(
             e.unfreeze, f"last {e.unfreeze} block(s) trained")
         data = "augmented" if e.augmented else "original"

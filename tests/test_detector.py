@@ -168,3 +168,47 @@ def test_calibrated_decision_flags_the_requested_share_of_normals(tiny_detector)
         assert 0.5 <= decision < 1 and (probs.mean(axis=0) > decision).mean() <= 0.1
     finally:
         tiny_detector.decision = before
+
+
+@pytest.mark.slow
+def test_karyotype_detector_trains_predicts_and_evaluates_by_name(tmp_path, capsys):
+    """The registered experiment end to end through the CLI, on rendered karyograms split by group."""
+    import json
+
+    from karyo.cli import main
+
+    data = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(data), "--normal", "14", "--abnormal", "10", "--size", "128",
+                 "--seed", "4"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "karyotype_detector", "--data", str(data / "manifest.csv"), "--out", str(run),
+                 "--epochs", "2", "--mc", "10"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["kind"] == "detector" and config["data"]["protocol"] == "grouped"
+    split = list(csv.DictReader(open(run / "split.csv")))
+    groups = {p: {r["group"] for r in split if r["split"] == p} for p in ("train", "val", "test")}
+    assert not (groups["train"] & groups["test"]) and not (groups["val"] & groups["test"])
+    predictions = list(csv.DictReader(open(run / "predictions.csv")))
+    assert len(predictions) == sum(r["split"] == "test" for r in split)
+    assert {"path", "label", "pred_label", "confidence", "mean_prob", "refer"} <= set(predictions[0])
+    slots = list(csv.DictReader(open(run / "slot_probabilities.csv")))
+    assert len(slots) == len(predictions) and len(slots[0]) == 1 + 24
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"accuracy", "auc", "recall", "referral_rate"} <= set(metrics) and metrics["mc_passes"] == 10
+    # karyo evaluate rewrites the same predictions; karyo predict names and skips a bad file.
+    before = (run / "predictions.csv").read_bytes()
+    assert main(["evaluate", str(run), "--mc", "10"]) == 0
+    assert (run / "predictions.csv").read_bytes() == before
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    first = data / split[0]["path"]
+    capsys.readouterr()
+    code = main(["predict", "--model", str(run), str(first), str(bad), "--mc", "10",
+                 "--out", str(tmp_path / "new.csv")])
+    err = capsys.readouterr().err
+    assert code == 1 and "bad.png" in err
+    assert len(list(csv.DictReader(open(tmp_path / "new.csv")))) == 1
+    # Under the thesis protocol the detector refuses to train: one line, no run folder.
+    assert main(["train", "karyotype_detector", "--data", str(data / "manifest.csv"), "--out",
+                 str(tmp_path / "thesis"), "--split", "thesis"]) == 2
+    assert not (tmp_path / "thesis").exists()

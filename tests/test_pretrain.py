@@ -180,3 +180,15 @@ def test_chromosome_synth_is_importable_without_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-500:]
     assert chromosome_synth.STAIN_CHOICES == ("g", "q", "both")
+
+
+def test_the_note_says_when_chromosome_weights_are_no_better_than_random(tmp_path):
+    """Weights whose pretraining stayed at chance are called what they are in every run's note."""
+    import json
+
+    (tmp_path / "card.json").write_text(json.dumps({"accuracy": 0.042, "macro_f1": 0.003}))
+    assert "as good as random" in pretrain_module.pretraining_quality(tmp_path)
+    (tmp_path / "card.json").write_text(json.dumps({"accuracy": 0.62, "macro_f1": 0.58}))
+    quality = pretrain_module.pretraining_quality(tmp_path)
+    assert "better than chance" in quality and "0.620" in quality
+    assert "unknown" in pretrain_module.pretraining_quality(tmp_path / "missing")

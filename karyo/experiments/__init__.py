@@ -14,6 +14,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submodules=[
         'chromosomes',
+        'detection',
         'figures',
         'fit',
         'hypermodel',
@@ -29,6 +30,10 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     ],
     submod_attrs={
         'chromosomes': ['train_chromosome_classifier'],
+        'detection': [
+            'is_detector_run', 'abnormal_variants', 'train_detector', 'evaluate_detector_run',
+            'predict_detector_paths',
+        ],
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
             'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
@@ -45,7 +50,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'pretrain': [
             'build_classifier', 'he_initialise', 'cell_scale', 'present', 'real_chromosomes', 'pretrain',
             'score_chromosomes', 'pretrain_settings', 'settings_key', 'pretrained_dir', 'chromosome_weights',
-            'starting_weights',
+            'starting_weights', 'pretraining_quality',
         ],
         'registry': ['Experiment', 'list_experiments', 'get_experiment'],
         'report': ['collect_runs', 'write_report'],

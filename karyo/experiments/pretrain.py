@@ -493,5 +493,26 @@ def starting_weights(weights, backbone, image_size):
     Returns:
         ``(weights_arg, used, note)`` as ``resolve_weights`` gives them.
     """
-    return resolve_weights(weights, backbone,
-                           chromosome=lambda: chromosome_weights(backbone, int(image_size)))
+    weights_arg, used, note = resolve_weights(weights, backbone,
+                                              chromosome=lambda: chromosome_weights(backbone, int(image_size)))
+    if used == "chromosome":
+        note += f" [{pretraining_quality(Path(weights_arg).parent)}]"
+    return weights_arg, used, note
+
+
+def pretraining_quality(folder):
+    """How well a pretraining run classifies its held-out chromosomes, in words for a run's notes.
+
+    Weights that never learnt the chromosome task are as good as random ones: the note says so
+    rather than let "chromosome-pretrained" suggest otherwise.
+    """
+    try:
+        card = json.loads((Path(folder) / "card.json").read_text(encoding="utf-8"))
+        accuracy, macro_f1 = float(card["accuracy"]), float(card["macro_f1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pretraining card unreadable: its quality is unknown"
+    chance = 1 / len(CHROMOSOME_LABELS)
+    verdict = "no better than chance: these weights are as good as random" if accuracy < 1.5 * chance else \
+        "better than chance"
+    return (f"pretraining held-out accuracy {accuracy:.3f}, Macro-F1 {macro_f1:.3f} on 24 classes "
+            f"(chance {chance:.3f}): {verdict}")

@@ -42,6 +42,9 @@ class Experiment:
         mc_passes, threshold: 100 passes and 80 % (thesis 3.4).
         thesis: the published result, for the seven Table 5.1 rows.
         family: ``thesis`` or ``beyond``.
+        kind: ``network`` (a backbone and the thesis' head, trained on whole karyograms) or
+            ``detector`` (:mod:`karyo.experiments.detection`: the karyogram read slot by slot;
+            ``backbone`` is then ``none`` and ``epochs`` trains its slot head).
     """
 
     name: str
@@ -64,6 +67,7 @@ class Experiment:
     threshold: float = REFERRAL_THRESHOLD
     thesis: ThesisResult = field(default=None, compare=False)
     family: str = "thesis"
+    kind: str = "network"
 
     def to_dict(self):
         return asdict(self)
@@ -106,6 +110,8 @@ BEYOND_EXPERIMENTS = (
     Experiment("mobilenetv3large_augmented", "processed data on MobileNetV3-Large", "mobilenetv3large",
                family="beyond"),
     Experiment("xception_augmented", "processed data on Xception", "xception", family="beyond"),
+    Experiment("karyotype_detector", "karyotype detector: each slot's count and homologs, MC Dropout per slot",
+               "none", augmented=False, weights="none", epochs=30, family="beyond", kind="detector"),
 )
 
 #: name -> Experiment, every registered run.

@@ -19,6 +19,7 @@ from karyo.data.manifest import KARYOGRAM_LABELS, read_manifest
 from karyo.data.pipeline import label_indices, stream_paths, stream_rows
 from karyo.errors import KaryoError
 from karyo.experiments import figures
+from karyo.experiments.detection import evaluate_detector_run, is_detector_run, predict_detector_paths
 from karyo.models.saving import load_model
 from karyo.uncertainty.confidence import predictions_table, summarize_passes, write_predictions
 from karyo.uncertainty.mc_dropout import mc_predict
@@ -131,6 +132,8 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
     """
 
     run_dir = Path(run_dir)
+    if is_detector_run(run_dir):
+        return evaluate_detector_run(run_dir, passes=passes, threshold=threshold, seed=seed)
     config = read_config(run_dir)
     size = config["experiment"]["image_size"]
     if members is None:
@@ -210,6 +213,8 @@ def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0):
             files.append(path)
         else:
             problems.append((str(path), "file not found"))
+    if is_detector_run(run_dir):
+        return predict_detector_paths(run_dir, files, passes=passes, threshold=threshold, seed=seed)
     # Streamed: STREAM_CHUNK images in memory at a time, whatever the number of files.
     chunks = stream_paths(files, config["experiment"]["image_size"], problems)
     first = next(chunks, None)

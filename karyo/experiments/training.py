@@ -39,6 +39,7 @@ from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, read_manifest,
 from karyo.data.pipeline import label_indices, load_images
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError
+from karyo.experiments.detection import train_detector
 from karyo.experiments.fit import FitConfig, strategy_scope, strategy_summary, two_phase_fit, write_history
 from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.runs import evaluate_run
@@ -216,6 +217,16 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
         raise KaryoError(f"{out}: the run folder exists; pass --resume to continue it or choose another --out")
     if resume and is_complete(out):
         return out
+    if experiment.kind == "detector":
+        if protocol != "grouped":
+            raise KaryoError(f"{experiment.name} is trained under the grouped protocol only, not '{protocol}'")
+        created = not out.exists()
+        try:
+            return train_detector(experiment, data, out, seed=seed, root=root, progress=progress)
+        except KaryoError:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     backbone = get_backbone(experiment.backbone)
     if experiment.image_size < backbone.min_size:
         raise KaryoError(f"--image-size {experiment.image_size} is below {backbone.name}'s minimum "
