@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from karyo import __version__
-from karyo.atomic import atomic_dir, atomic_path
+from karyo.atomic import atomic_dir, atomic_path, write_csv
 from karyo.data.manifest import check_manifest, CHROMOSOME_LABELS, read_manifest, sha256_file, write_manifest
 from karyo.errors import KaryoError
 from karyo.experiments import figures
@@ -385,9 +385,8 @@ def pretrain(backbone, out, image_size=None, karyogram_size=64, epochs=DEFAULT_E
         model.save(str(tmp / "model.keras"))  # with its head, to score other crops (score_chromosomes)
         write_manifest(tmp / "predictions.csv", rows, list(PREDICTION_COLUMNS))
         keys = [k for k in history if k in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")]
-        lines = ["epoch," + ",".join(keys)] + [
-            f"{e}," + ",".join(f"{history[k][e]:.6g}" for k in keys) for e in range(len(history["loss"]))]
-        (tmp / "history.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_csv(tmp / "history.csv", [[e] + [f"{history[k][e]:.6g}" for k in keys]
+                                        for e in range(len(history["loss"]))], ["epoch", *keys])
         (tmp / "figures").mkdir()
         figures.plot_confusion_matrix(y_test, pred, tmp / "figures" / "confusion_matrix.png",
                                       class_names=CHROMOSOME_LABELS,

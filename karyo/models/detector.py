@@ -25,15 +25,13 @@ Examples:
     >>> slot_probs, probs = predict_passes(detector, new_readings)  # doctest: +SKIP
 """
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from karyo.atomic import atomic_path, atomic_write_text
+from karyo.atomic import atomic_path, atomic_write_text, write_csv
 from karyo.errors import KaryoError
 from karyo.karyograms.layout import SLOTS
 from karyo.karyograms.slots import count_deviations, expected_counts, PROFILE_LENGTH, read_slots
@@ -463,10 +461,5 @@ def predict_karyograms(detector, paths, labels=None, out=None, T=DEFAULT_PASSES,
 
 def write_slot_probabilities(path, paths, mean_slots):
     """Write ``path,p_1..p_22,p_X,p_Y`` (mean over the passes) atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path"] + [f"p_{s}" for s in SLOTS])
-    for p, row in zip(paths, np.asarray(mean_slots)):
-        writer.writerow([str(p)] + [f"{float(v):.6g}" for v in row])
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
+    rows = [[str(p)] + [f"{float(v):.6g}" for v in row] for p, row in zip(paths, np.asarray(mean_slots))]
+    return write_csv(path, rows, ["path"] + [f"p_{s}" for s in SLOTS])
