@@ -358,15 +358,22 @@ def no_training(monkeypatch):
     """Replace what would prepare data or train (after every check has passed) by a failure:
     ``train`` runs ``_train_run``, ``tune`` and ``reproduce`` start with ``prepare_data``, and
     ``transfer`` with the chromosome classifier. Bad input must be refused before any of them."""
+    # Every module that calls them is imported first, so that its own names are the real functions
+    # once the patches below are undone (a module first imported under a patch would keep it).
     import karyo.experiments.chromosomes
+    import karyo.experiments.reproduce
     import karyo.experiments.training
+    import karyo.experiments.transfer
+    import karyo.experiments.tuning
 
     def refuse(*args, **kwargs):
         raise AssertionError("bad input got past the checks into training")
 
     monkeypatch.setattr(karyo.experiments.training, "_train_run", refuse)
-    monkeypatch.setattr(karyo.experiments.training, "prepare_data", refuse)
-    monkeypatch.setattr(karyo.experiments.chromosomes, "train_chromosome_classifier", refuse)
+    for module in (karyo.experiments.training, karyo.experiments.tuning):
+        monkeypatch.setattr(module, "prepare_data", refuse)
+    for module in (karyo.experiments.chromosomes, karyo.experiments.transfer):
+        monkeypatch.setattr(module, "train_chromosome_classifier", refuse)
 
 
 # ------------------------------------------------------------------------------- the contract

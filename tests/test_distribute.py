@@ -37,9 +37,9 @@ def test_multi_worker_without_tf_config_is_one_clear_error(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_mirrored_training_on_two_devices_matches_one_device(tmp_path):
-    from tests.test_training import _karyograms
+    from tests.common import write_karyograms
 
-    manifest = _karyograms(tmp_path / "karyograms")
+    manifest = write_karyograms(tmp_path / "karyograms")
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     metrics, configs, losses = {}, {}, {}
     for distribute in ("none", "mirrored"):

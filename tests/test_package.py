@@ -78,3 +78,10 @@ def test_no_private_name_is_used_outside_its_module():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("karyo"):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 assert not private, f"{name} imports private {private} from {node.module}"
+
+
+def test_tests_share_helpers_only_through_tests_common():
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests."):
+                assert node.module == "tests.common", f"{path.name} imports from {node.module}"
