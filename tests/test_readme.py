@@ -32,3 +32,4 @@ def test_ci_runs_the_readme_test_command():
     printed = subprocess.run(["bash", "-c", extract], cwd=REPO, capture_output=True, text=True, check=True)
     assert printed.stdout.strip() == quick_start()[1]
     assert 'bash -euo pipefail -c "$test_command"' in script
+    assert f"#   {quick_start()[1]}" in script  # the comment naming the command stays true
