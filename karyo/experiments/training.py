@@ -217,27 +217,27 @@ def train_experiment(experiment, data, out, protocol="grouped", seed=0, resume=F
         raise KaryoError(f"{out}: the run folder exists; pass --resume to continue it or choose another --out")
     if resume and is_complete(out):
         return out
-    if experiment.kind == "detector":
+    if experiment.kind == "detector":  # it checks its data itself before writing anything
         if protocol != "grouped":
             raise KaryoError(f"{experiment.name} is trained under the grouped protocol only, not '{protocol}'")
-        created = not out.exists()
-        try:
+
+        def train():
             return train_detector(experiment, data, out, seed=seed, root=root, progress=progress)
-        except KaryoError:
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-    backbone = get_backbone(experiment.backbone)
-    if experiment.image_size < backbone.min_size:
-        raise KaryoError(f"--image-size {experiment.image_size} is below {backbone.name}'s minimum "
-                         f"of {backbone.min_size} pixels")
-    # Validate first, then write: every row is checked (labels, both classes, files, sha256,
-    # decoding) and the split is drawn before the run folder exists.
-    manifest = check_run_data(data, (protocol,), seed, experiment.augmented, root, progress=progress)
+    else:
+        backbone = get_backbone(experiment.backbone)
+        if experiment.image_size < backbone.min_size:
+            raise KaryoError(f"--image-size {experiment.image_size} is below {backbone.name}'s minimum "
+                             f"of {backbone.min_size} pixels")
+        # Validate first, then write: every row is checked (labels, both classes, files, sha256,
+        # decoding) and the split is drawn before the run folder exists.
+        manifest = check_run_data(data, (protocol,), seed, experiment.augmented, root, progress=progress)
+
+        def train():
+            return _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight,
+                              verbose, progress, warn, strategy)
     created = not out.exists()
     try:
-        return _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_dir, class_weight,
-                          verbose, progress, warn, strategy)
+        return train()
     except KaryoError:
         # A run that failed on its input leaves nothing behind (a killed one keeps its files to resume).
         if created:
