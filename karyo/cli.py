@@ -516,7 +516,7 @@ def cmd_reproduce(args):
     protocols = args.protocols.split(",") if args.protocols else None
     reproduce(args.out, preset=args.preset, data=args.data, root=args.root, seed=args.seed,
               experiments=experiments, protocols=protocols, tune=not args.no_tune,
-              weights=args.weights, verbose=1 if args.verbose else 0)
+              weights=args.weights, seeds=args.seeds, verbose=1 if args.verbose else 0)
     return 0
 
 
@@ -546,9 +546,14 @@ def add_reproduce_commands(sub):
     p.add_argument("--experiments", help="comma-separated subset of experiments (default: the seven rows)")
     p.add_argument("--protocols", help="comma-separated subset of thesis,grouped (default: both)")
     p.add_argument("--no-tune", action="store_true", help="skip the Bayesian search")
-    p.add_argument("--weights", choices=("imagenet", "auto", "none"),
-                   help="starting weights instead of the preset's (imagenet | auto | none)")
+    p.add_argument("--weights", choices=("imagenet", "chromosome", "auto", "none"),
+                   help="starting weights instead of the preset's: imagenet (downloaded), chromosome "
+                   "(karyo's chromosome-pretrained backbone, built on first use), auto (imagenet when "
+                   "obtainable, else chromosome) or none (random, said so in the report)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, splits, weights and dropout")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run every row with N seeds (--seed, --seed+1, ...), each its own split; the "
+                   "report adds each row's mean ± sd (default 1). Seeds after the first go to DIR/seeds/")
     p.add_argument("--verbose", action="store_true",
                    help="per-epoch training output, download messages and every warning in full")
     p.set_defaults(func=cmd_reproduce)

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from karyo.errors import KaryoError
 from karyo.uncertainty.metrics import (
+    auc_statistic,
+    metric_intervals,
     WRONG_COLUMNS,
     area_under_risk_coverage,
     compute_metrics,
@@ -193,3 +195,52 @@ def test_wrong_predictions_tables(tmp_path):
     assert tuple(back[0]) == WRONG_COLUMNS
     assert [r["image"] for r in back] == ["b.png", "c.png", "d.png", "f.png"]
     assert float(back[1]["mean_softmax"]) == 0.13
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([0.0, 0.2, 0.5, 0.7, 1.0])), min_size=2, max_size=40))
+def test_rank_auc_equals_scikit_learn(pairs):
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([int(a) for a, _ in pairs])
+    prob = np.array([p for _, p in pairs])
+    if len(set(y.tolist())) < 2:
+        assert math.isnan(auc_statistic(y, prob))
+    else:
+        assert auc_statistic(y, prob) == pytest.approx(roc_auc_score(y, prob))
+
+
+def _prediction_rows(n_groups, copies, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(n_groups):
+        label = "abnormal" if g % 3 == 0 else "normal"
+        prob = float(rng.uniform(0.3, 1.0) if label == "abnormal" else rng.uniform(0.0, 0.7))
+        for c in range(copies):
+            rows.append({"path": f"g{g}_{c}.png", "group": f"g{g}", "label": label, "mean_prob": prob,
+                         "pred_label": "abnormal" if prob > 0.5 else "normal", "confidence": 1.0, "refer": False})
+    return rows
+
+
+def test_bootstrap_draws_whole_groups():
+    # Four identical copies per group carry no more evidence than one: resampled by group, the
+    # intervals are those of the one-copy set; resampled per image they would be narrower.
+    one = metric_intervals(_prediction_rows(24, 1), n_resamples=400)
+    four = metric_intervals(_prediction_rows(24, 4), n_resamples=400)
+    assert four["auc"] == pytest.approx(one["auc"]) and four["recall"] == pytest.approx(one["recall"])
+    assert one["n_groups"] == four["n_groups"] == 24
+    point = metrics_from_predictions(_prediction_rows(24, 1))
+    low, high = one["auc"]
+    assert low < point["auc"] < high and high - low > 0.05
+    per_image = [dict(r, group=r["path"]) for r in _prediction_rows(24, 4)]
+    narrow = metric_intervals(per_image, n_resamples=400)["auc"]
+    assert narrow[1] - narrow[0] < high - low
+
+
+def test_bootstrap_of_a_perfect_and_of_a_one_class_test_set():
+    rows = [{"path": str(i), "label": lab, "pred_label": lab, "mean_prob": float(lab == "abnormal"),
+             "confidence": 1.0, "refer": False} for i, lab in enumerate(["abnormal", "normal"] * 5)]
+    ci = metric_intervals(rows, n_resamples=100)
+    assert ci["auc"] == (1.0, 1.0) and ci["recall"] == (1.0, 1.0) and ci["n_groups"] == 10
+    normal_only = [r for r in rows if r["label"] == "normal"]
+    assert metric_intervals(normal_only, n_resamples=100)["auc"] == (None, None)

@@ -7,7 +7,7 @@ import pytest
 
 from karyo.cli import main
 from karyo.experiments.registry import THESIS_EXPERIMENTS
-from karyo.experiments.report import METRICS
+from karyo.experiments.report import METRICS, interval_of
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,14 @@ def test_report_tables_match_the_run_folders(reproduction):
             metrics = json.loads((reproduction / "runs" / protocol / exp.name / "metrics.json").read_text())
             for k, cell in zip(METRICS, cells[2:6]):
                 assert cell == ("–" if metrics[k] is None else f"{metrics[k]:.2f}"), (protocol, exp.name, k)
-            assert cells[6:10] == [f"{getattr(exp.thesis, k):.2f}" for k in METRICS]
+            ci = interval_of({"dir": reproduction / "runs" / protocol / exp.name})
+            if ci["auc"][0] is None:
+                assert cells[6:9] == ["–"] * 3
+            else:
+                assert cells[6] == f"[{ci['auc'][0]:.2f}, {ci['auc'][1]:.2f}]"
+                assert cells[7] == f"[{ci['recall'][0]:.2f}, {ci['recall'][1]:.2f}]"
+                assert cells[8].startswith("yes" if ci["auc"][0] > 0.5 else "no")
+            assert cells[9:13] == [f"{getattr(exp.thesis, k):.2f}" for k in METRICS]
 
 
 @pytest.mark.slow
@@ -58,6 +65,31 @@ def test_leakage_tuning_and_rerun_skips_finished_work(reproduction, capsys):
     assert out.count("finished earlier, skipped") == 15  # 14 runs and the search
     assert (reproduction / "runs" / "grouped" / "vgg16_unfreeze1" / "metrics.json").stat().st_mtime_ns == stamp
     assert main(["report", str(reproduction)]) == 0
+
+
+@pytest.mark.slow
+def test_seeds_add_runs_beside_the_first_and_the_report_gives_mean_and_sd(reproduction, capsys):
+    import statistics
+
+    args = ["reproduce", "--preset", "tiny", "--out", str(reproduction), "--no-tune", "--protocols", "grouped",
+            "--experiments", "vgg16_augmented", "--seeds", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[grouped] vgg16_augmented seed 0: finished earlier, skipped" in out  # the first run
+    assert "[grouped] vgg16_augmented seed 1: training" in out
+    first = json.loads((reproduction / "runs/grouped/vgg16_augmented/config.json").read_text())
+    second = json.loads((reproduction / "seeds/1/runs/grouped/vgg16_augmented/config.json").read_text())
+    assert (first["seed"], second["seed"]) == (0, 1)
+    aucs = [json.loads((folder / "runs/grouped/vgg16_augmented/metrics.json").read_text())["auc"]
+            for folder in (reproduction, reproduction / "seeds" / "1")]
+    report = (reproduction / "report.md").read_text()
+    assert "## Across 2 seeds" in report
+    section = report.split("## Across 2 seeds", 1)[1].split("\n## ", 1)[0].split("### Protocol `grouped`")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| vgg16_augmented |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2"
+    assert cells[5] == f"{statistics.mean(aucs):.2f} ± {statistics.stdev(aucs):.2f}"
+    assert main(["reproduce", "--preset", "tiny", "--out", str(reproduction), "--seeds", "0"]) == 2
 
 
 @pytest.mark.slow

@@ -10,12 +10,14 @@ import csv
 import html
 import json
 import os
+import statistics
 from pathlib import Path
 
 from karyo.atomic import atomic_write_text
 from karyo.errors import KaryoError
 from karyo.experiments import figures
 from karyo.experiments.registry import EXPERIMENTS, THESIS_EXPERIMENTS
+from karyo.uncertainty.metrics import BOOTSTRAP_RESAMPLES, metric_intervals
 
 PROTOCOL_TEXT = {
     "thesis": "augment, then split per image (as published: copies of a karyogram on both sides)",
@@ -160,6 +162,7 @@ def write_report(out, preset=None, seconds=None):
              "what should carry over is the ordering of the rows and the leakage effect.")
 
     _table_51(doc, runs)
+    _across_seeds(doc, out, runs)
     _leakage(doc, runs)
     _referral(doc, runs)
     _roc_overlays(doc, out, runs, figures)
@@ -189,14 +192,16 @@ def _table_51(doc, runs):
             run = runs[protocol].get(exp.name)
             t = exp.thesis
             if run is None:
-                rows.append([exp.title, exp.name] + ["–"] * 4 + [_fmt(getattr(t, m)) for m in METRICS])
+                rows.append([exp.title, exp.name] + ["–"] * 7 + [_fmt(getattr(t, m)) for m in METRICS])
                 continue
             m = run["metrics"]
             rel = os.path.relpath(run["dir"], doc.out)
             rows.append([exp.title, _link(run, rel)] + [_fmt(m.get(k)) for k in METRICS]
-                        + [_fmt(getattr(t, k)) for k in METRICS])
+                        + _interval_cells(run) + [_fmt(getattr(t, k)) for k in METRICS])
         doc.table(["network and conditions", "run", "accuracy", "precision", "recall", "AUC",
+                   "AUC 95 % CI", "recall 95 % CI", "better than chance",
                    "thesis acc", "thesis prec", "thesis recall", "thesis AUC"], rows)
+        doc.para(INTERVAL_TEXT)
     for exp in THESIS_EXPERIMENTS:
         r = exp.thesis.recomputed()
         if abs(r["accuracy"] - exp.thesis.accuracy) > 0.015 or r["n"] not in (30, 139):
@@ -206,6 +211,77 @@ def _table_51(doc, runs):
                 f"(the test split had {30 if not exp.augmented else 139} images)")
     if thesis_counts_note:
         doc.para("Where the thesis disagrees with itself: " + "; ".join(thesis_counts_note) + ".")
+
+
+INTERVAL_TEXT = (
+    "Intervals: 95 % percentile bootstrap over the test set's groups (cases; a karyogram and its "
+    "augmented copies are one group), stratified by class, "
+    f"{BOOTSTRAP_RESAMPLES} resamples. **better than chance**: the AUC's lower bound is above 0.5. "
+    "With a handful of abnormal test groups an interval is wide: read it before the point value.")
+
+
+def interval_of(run):
+    """``metric_intervals`` of a run's predictions.csv; None when it has none or one class."""
+    rows = _read_predictions(run["dir"])
+    if not rows or not all(r.get("label") and r.get("pred_label") for r in rows):
+        return None
+    return metric_intervals(rows)
+
+
+def _interval_cells(run):
+    ci = interval_of(run)
+    if ci is None or ci["auc"][0] is None:
+        return ["–", "–", "–"]
+    auc, recall = ci["auc"], ci["recall"]
+    verdict = "yes" if auc[0] > 0.5 else "no"
+    return [f"[{auc[0]:.2f}, {auc[1]:.2f}]", f"[{recall[0]:.2f}, {recall[1]:.2f}]",
+            f"{verdict} ({ci['n_groups']} groups)"]
+
+
+def collect_seed_runs(out, runs=None):
+    """``{seed: collect_runs(...)}``: the first seed's runs in ``out`` and each ``out/seeds/<seed>``."""
+    out = Path(out)
+    runs = collect_runs(out) if runs is None else runs
+    first = next((r["config"].get("seed") for p in runs.values() for r in p.values()), 0)
+    found = {str(first): runs}
+    seeds_dir = out / "seeds"
+    if seeds_dir.is_dir():
+        for folder in sorted(seeds_dir.iterdir(), key=lambda f: (len(f.name), f.name)):
+            if folder.is_dir() and (more := collect_runs(folder)):
+                found[folder.name] = more
+    return found
+
+
+def mean_sd(values):
+    """``"0.81 ± 0.05"`` of the defined values (the sample standard deviation), ``–`` if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _across_seeds(doc, out, runs):
+    by_seed = collect_seed_runs(out, runs)
+    if len(by_seed) < 2:
+        return
+    doc.heading(f"Across {len(by_seed)} seeds")
+    doc.para("Each seed draws its own split, augmentation, initial head weights and dropout masks "
+             f"(seeds {', '.join(str(s) for s in by_seed)}). Mean ± standard deviation over the seeds "
+             "whose run finished; the table above is the first seed's.")
+    for protocol in ("thesis", "grouped"):
+        rows = []
+        for exp in EXPERIMENTS.values():
+            metrics = [r[protocol][exp.name]["metrics"] for r in by_seed.values()
+                       if exp.name in r.get(protocol, {})]
+            if not metrics:
+                continue
+            rows.append([exp.name, len(metrics)] + [mean_sd([m.get(k) for m in metrics]) for k in METRICS]
+                        + [f"{sum((m.get('auc') or 0) > 0.5 for m in metrics)}/{len(metrics)}"])
+        if rows:
+            doc.heading(f"Protocol `{protocol}`", 3)
+            doc.table(["experiment", "seeds", "accuracy", "precision", "recall", "AUC", "AUC above 0.5"], rows)
 
 
 def _near_copies(run):

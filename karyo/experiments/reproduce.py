@@ -10,6 +10,7 @@ Presets are declared once, here, as data. Everything lands under one output fold
 rerun on the same folder skips what already finished.
 """
 
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -84,8 +85,16 @@ def run_dir(out, protocol, name):
     return Path(out) / "runs" / protocol / name
 
 
+def seed_dir(out, seed, first_seed):
+    """Where the runs of ``seed`` go: ``out`` itself for the first seed, ``out/seeds/<seed>`` else.
+
+    The first seed's runs keep the layout a one-seed reproduction has, so ``--seeds 3`` on a
+    finished ``--out`` adds two seeds and retrains nothing."""
+    return Path(out) if seed == first_seed else Path(out) / "seeds" / str(seed)
+
+
 def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=None,
-              protocols=None, tune=True, weights=None, verbose=0, log=print):
+              protocols=None, tune=True, weights=None, seeds=1, verbose=0, log=print):
     """Run the thesis' experiments and write ``out/report.md`` (and ``report.html``).
 
     Args:
@@ -93,6 +102,9 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         preset: ``quick``, ``thesis`` or ``tiny`` (see :data:`PRESETS`).
         data: a karyogram manifest; ``None`` renders the synthetic alpha-dataset.
         seed: seeds data, splits, augmentation, weights and dropout.
+        seeds: run every row with ``seeds`` seeds (``seed``, ``seed + 1``, ...), each its own
+            split, augmentation, weights and dropout (the synthetic data and the search are drawn
+            once, with ``seed``); the report gives each row's mean and standard deviation.
         experiments, protocols: subsets (default: the seven Table 5.1 rows, both protocols).
         tune: run the Bayesian search first (thesis 3.2).
         weights: ``imagenet``, ``auto`` or ``none`` instead of the preset's.
@@ -111,6 +123,9 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
         p = replace(p, weights=str(weights))
     for name in p.experiments:
         get_experiment(name)  # unknown names fail before any work
+    if int(seeds) < 1:
+        raise KaryoError(f"--seeds {seeds}: give at least 1")
+    seed_list = [seed + i for i in range(int(seeds))]
 
     for protocol in p.protocols:
         if protocol not in PROTOCOLS:
@@ -121,8 +136,9 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
 
         # So does bad data: every row (labels, both classes, files, sha256, decoding) and the
         # splits the runs will draw are checked before the output folder is made.
-        check_run_data(data, p.protocols, seed, all(get_experiment(n).augmented for n in p.experiments), root,
-                       progress=verbose > 0)
+        for run_seed in seed_list:
+            check_run_data(data, p.protocols, run_seed, all(get_experiment(n).augmented for n in p.experiments),
+                           root, progress=verbose > 0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -136,26 +152,25 @@ def reproduce(out, preset="quick", data=None, root=None, seed=0, experiments=Non
     # run on the same data: quiet, each is printed once, with the runs it concerns.
     warnings = defaultdict(list)
     try:
-        for protocol in p.protocols:
-            for name in p.experiments:
-                target = run_dir(out, protocol, name)
-                if is_complete(target):
-                    log(f"[{protocol}] {name}: finished earlier, skipped")
-                    continue
-                exp = get_experiment(name)
-                exp = replace(exp, image_size=p.size_for(exp.backbone), epochs=p.epochs,
-                              fine_tune_epochs=p.fine_tune_epochs, patience=p.patience,
-                              weights=p.weights, mc_passes=p.mc_passes)
-                t0 = time.time()
-                log(f"[{protocol}] {name}: training ({exp.backbone} {exp.image_size} px)")
-                run = f"[{protocol}] {name}"
-                warn = ((lambda text, run=run: print_warning(f"{run}: {text}")) if verbose
-                        else (lambda text, run=run: warnings[text].append(run)))
-                train_experiment(exp, manifest, target, protocol=protocol, seed=seed,
-                                 resume=target.exists(), root=root, cache_dir=cache,
-                                 data_dir=out / "data" / "prepared", verbose=verbose,
-                                 progress=verbose > 0, warn=warn)
-                log(f"[{protocol}] {name}: done in {time.time() - t0:.0f} s")
+        for run_seed, protocol, name in itertools.product(seed_list, p.protocols, p.experiments):
+            target = run_dir(seed_dir(out, run_seed, seed), protocol, name)
+            run = f"[{protocol}] {name}" + (f" seed {run_seed}" if len(seed_list) > 1 else "")
+            if is_complete(target):
+                log(f"{run}: finished earlier, skipped")
+                continue
+            exp = get_experiment(name)
+            exp = replace(exp, image_size=p.size_for(exp.backbone), epochs=p.epochs,
+                          fine_tune_epochs=p.fine_tune_epochs, patience=p.patience,
+                          weights=p.weights, mc_passes=p.mc_passes)
+            t0 = time.time()
+            log(f"{run}: training ({exp.backbone} {exp.image_size} px)")
+            warn = ((lambda text, run=run: print_warning(f"{run}: {text}")) if verbose
+                    else (lambda text, run=run: warnings[text].append(run)))
+            train_experiment(exp, manifest, target, protocol=protocol, seed=run_seed,
+                             resume=target.exists(), root=root, cache_dir=cache,
+                             data_dir=out / "data" / "prepared", verbose=verbose,
+                             progress=verbose > 0, warn=warn)
+            log(f"{run}: done in {time.time() - t0:.0f} s")
     finally:
         for text, runs in warnings.items():
             print_warning(f"{text} [in {len(runs)} run{'s' * (len(runs) != 1)}; --verbose names each]")

@@ -21,7 +21,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         'metrics': [
             'reliability_bins', 'expected_calibration_error', 'risk_coverage', 'area_under_risk_coverage',
-            'compute_metrics', 'metrics_from_predictions', 'per_group_recall', 'wrong_predictions', 'markdown_table',
+            'compute_metrics', 'metrics_from_predictions', 'group_bootstrap', 'auc_statistic', 'recall_statistic',
+            'metric_intervals', 'per_group_recall', 'wrong_predictions', 'markdown_table',
             'wrong_predictions_markdown', 'write_wrong_predictions', 'chromosome_metrics',
         ],
     },
