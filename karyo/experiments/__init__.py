@@ -53,8 +53,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'starting_weights', 'pretraining_quality',
         ],
         'registry': ['Experiment', 'list_experiments', 'get_experiment'],
-        'report': ['collect_runs', 'write_report'],
-        'reproduce': ['Preset', 'get_preset', 'run_dir', 'reproduce'],
+        'report': ['collect_runs', 'write_report', 'interval_of', 'collect_seed_runs', 'mean_sd'],
+        'reproduce': ['Preset', 'get_preset', 'run_dir', 'seed_dir', 'reproduce'],
         'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
         'training': [
             'is_complete', 'prepare_data', 'environment', 'read_json', 'train_model', 'print_warning',
