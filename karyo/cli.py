@@ -597,7 +597,8 @@ def cmd_cross_stain(args):
 def cmd_bench(args):
     from karyo.bench.suite import format_bench, run_bench
 
-    result = run_bench(quick=args.quick, out=args.out, progress=True)
+    sections = args.sections.split(",") if args.sections else None
+    result = run_bench(quick=args.quick, out=args.out, progress=True, sections=sections)
     print(format_bench(result))
     if args.out:
         print(f"wrote {args.out}")
@@ -649,10 +650,17 @@ def add_real_data_commands(sub):
         description="Benchmark on synthetic karyograms with random weights (offline): MC Dropout (T=100) vs "
         "one prediction and vs the naive loop, head training on cached features vs end to end, VGG16 with its "
         "last block unfrozen on cached block-4 output vs the full network, a tuning trial on cached features "
-        "vs on images, backbone throughput at 416x416 against the machine's matmul GFLOP/s, and the time to "
-        "render the alpha-dataset. Ratios are medians of repeats with their spread.",
+        "vs on images, backbone throughput at 416x416 against the machine's matmul GFLOP/s, chromosome "
+        "pretraining's throughput in float32 and mixed_bfloat16 side by side, the memory of predicting "
+        "thousands of karyograms (full run only), the share of 'karyo reproduce' spent outside training, and "
+        "the time to render the alpha-dataset. Ratios are medians of repeats with their spread.",
     )
     p.add_argument("--quick", action="store_true", help="fewer images and repeats (minutes on a CPU)")
+    p.add_argument("--sections", metavar="A,B",
+                   help="measure only these sections, comma-separated (default: all the preset has; the karyograms "
+                   "the others read are rendered either way); names: synth_render, backbone_throughput, mc_dropout, "
+                   "head_training, unfreeze_last_block, tuner_trial, pretraining, predict_memory, "
+                   "reproduce_overhead")
     p.add_argument("--out", type=Path, help="write the figures as JSON")
     p.set_defaults(func=cmd_bench)
 

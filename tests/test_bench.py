@@ -18,6 +18,7 @@ RATIO_KEYS = {
     "head_training": ("speedup_vs_end_to_end", "extraction_seconds", "break_even_epochs"),
     "unfreeze_last_block": ("speedup", "extraction_seconds"),
     "tuner_trial": ("speedup", "extraction_seconds"),
+    "pretraining": ("bf16_speedup", "bf16_matmul_speedup", "gmacs_per_image"),
 }
 TIMING_KEYS = {
     "mc_dropout": ("single_predict_seconds", "mc_predict_seconds", "naive_single_predict_seconds",
@@ -25,6 +26,7 @@ TIMING_KEYS = {
     "head_training": ("head_epoch_seconds", "end_to_end_epoch_seconds"),
     "unfreeze_last_block": ("cached_epoch_seconds", "full_network_epoch_seconds"),
     "tuner_trial": ("cached_trial_seconds", "images_trial_seconds"),
+    "pretraining": (),
 }
 
 
@@ -68,6 +70,12 @@ def test_tiny_bench_writes_complete_json(tiny_result):
         for key in TIMING_KEYS[section]:
             _check_stats(written[section][key], f"{section}.{key}")
         assert written[section]["image_size"] >= 32
+
+    for precision in ("float32", "mixed_bfloat16"):
+        fig = written["pretraining"][precision]
+        for key in ("images_per_second", "achieved_gflops", "matmul_limit_gflops", "share_of_matmul_limit"):
+            assert _positive(fig[key]), f"pretraining.{precision}.{key}"
+        _check_stats(fig["epoch_seconds"], f"pretraining.{precision}.epoch_seconds")
 
     mc = written["mc_dropout"]
     tiny_mc = bench.PRESETS["tiny"]["mc_dropout"]
@@ -123,7 +131,8 @@ def test_format_bench_shows_every_figure(tiny_result):
     assert "tiny" in text.splitlines()[0]
     for needle in ("MC Dropout T=10", "naive MC Dropout", "head epoch speedup", "last block",
                    "keras-tuner trial", "vgg16 features at 75px", "inceptionv3 features",
-                   "dense matmul", "karyo predict peak RSS", "streamed / in-memory throughput"):
+                   "dense matmul", "karyo predict peak RSS", "pretraining mixed_bfloat16",
+                   "streamed / in-memory throughput"):
         assert needle in text, needle
     for goal in tiny_result[0]["goals"].values():  # each goal with its verdict
         assert f"{goal['goal']}  {'met' if goal['met'] else 'NOT MET'}" in text

@@ -63,7 +63,9 @@ from karyo.experiments import hypermodel as hypermodel_module
 from karyo.experiments import runs as runs_module
 from karyo.experiments import training as training_module
 from karyo.experiments.fit import compile_model
+from karyo.experiments.pretrain import PRECISIONS, build_classifier
 from karyo.experiments.reproduce import reproduce
+from karyo.karyograms.chromosome_synth import synthetic_chromosomes
 from karyo.karyograms.synth import synthesize
 from karyo.models.features import cached_features
 from karyo.models.network import build_backbone, build_head, build_model, split_model
@@ -100,7 +102,7 @@ MEASURED_ONLY_GOALS = (
 
 #: The order in which :func:`run_bench` measures (and reports) its sections.
 SECTIONS = ("synth_render", "backbone_throughput", "mc_dropout", "head_training",
-            "unfreeze_last_block", "tuner_trial", "predict_memory", "reproduce_overhead")
+            "unfreeze_last_block", "tuner_trial", "pretraining", "predict_memory", "reproduce_overhead")
 
 #: What each preset measures. ``size``: image side in pixels, ``images``: how many,
 #: ``repeats``: timed repeats after the warm-up. ``quick`` uses 128 px for the ratios (the
@@ -123,6 +125,8 @@ PRESETS = {
                                 "batch_size": THESIS_BATCH, "repeats": 5},
         "tuner_trial": {"backbone": "vgg16", "size": 224, "images": 128, "epochs": 2,
                         "repeats": 3},
+        "pretraining": {"backbone": "vgg16", "size": 64, "karyogram_size": 416, "images": 256,
+                        "batch_size": 32, "repeats": 5, "matmul_n": 2048},
         # Not in ``quick``: decoding 7,500 files of 416 px takes minutes.
         "predict_memory": {"size": THESIS_SIZE, "counts": (500, 2000, 5000), "T": MC_PASSES,
                            "repeats": 3},
@@ -142,6 +146,8 @@ PRESETS = {
                                 "batch_size": THESIS_BATCH, "repeats": 5},
         "tuner_trial": {"backbone": "vgg16", "size": 128, "images": 64, "epochs": 2,
                         "repeats": 3},
+        "pretraining": {"backbone": "vgg16", "size": 64, "karyogram_size": 416, "images": 128,
+                        "batch_size": 32, "repeats": 3, "matmul_n": 2048},
         "reproduce_overhead": {"preset": "tiny"},
     },
     "tiny": {
@@ -157,6 +163,8 @@ PRESETS = {
                                 "repeats": 2},
         "tuner_trial": {"backbone": "vgg16", "size": 32, "images": 8, "epochs": 1,
                         "repeats": 1},
+        "pretraining": {"backbone": "vgg16", "size": 32, "karyogram_size": 96, "images": 8,
+                        "batch_size": 4, "repeats": 1, "matmul_n": 256},
         "predict_memory": {"size": 64, "counts": (3, 6), "T": 5, "repeats": 1},
     },
 }
@@ -523,6 +531,62 @@ def bench_head_training(cfg, images, folder):
     }
 
 
+def _matmul_bf16_measure(n):
+    """One n x n bfloat16 matrix multiply in TensorFlow (seconds): the bf16 units' limit."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    a = tf.constant(rng.random((n, n), dtype=np.float32), dtype=tf.bfloat16)
+    b = tf.constant(rng.random((n, n), dtype=np.float32), dtype=tf.bfloat16)
+    matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.linalg.matmul(x, y), tf.float32)))
+    return _wall(lambda: matmul(a, b).numpy())
+
+
+def bench_pretraining(cfg, images=None, folder=None):
+    """Chromosome pretraining's training throughput in float32 and mixed_bfloat16, side by side.
+
+    One epoch of ``karyo.experiments.pretrain.build_classifier`` (every layer trainable) on
+    synthetic chromosome crops, alternating the two precisions with a float32 and a bfloat16
+    matmul, so each precision's share of its own matmul limit compares measurements taken under
+    the same load. A training step is counted as three forward passes (forward, and the two
+    products of the backward pass). ``images`` and ``folder`` are not used.
+    """
+    backbone, size, batch = cfg["backbone"], int(cfg["size"]), int(cfg["batch_size"])
+    crops, labels = synthetic_chromosomes(int(cfg["images"]), size, int(cfg["karyogram_size"]), seed=0)
+    dataset = make_dataset(crops.astype(np.float32), labels.astype(np.int64), batch, shuffle=True)
+    macs = count_macs(build_backbone(backbone, size, "none"))
+    measures = {}
+    for precision in PRECISIONS:
+        keras.backend.clear_session()
+        model, _ = build_classifier(backbone, size, seed=0, precision=precision)
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
+        measures[precision] = _one_epoch(model, dataset)
+    n = int(cfg["matmul_n"])
+    measures["matmul_float32"] = _matmul_measures(n)["matmul_tensorflow"]
+    measures["matmul_bfloat16"] = _matmul_bf16_measure(n)
+    times = _alternate(measures, cfg["repeats"])
+    matmul_flops = 2.0 * n ** 3
+    result = {"backbone": backbone, "image_size": size, "images": len(crops), "batch_size": batch,
+              "karyogram_size": cfg["karyogram_size"], "gmacs_per_image": macs / 1e9}
+    limits = {"float32": "matmul_float32", "mixed_bfloat16": "matmul_bfloat16"}
+    for precision in PRECISIONS:
+        epochs, matmuls = times[precision], times[limits[precision]]
+        stats = _stats(epochs)
+        shares = [(len(crops) * 3 * 2 * macs / e) / (matmul_flops / m) for e, m in zip(epochs, matmuls)]
+        result[precision] = {
+            "images_per_second": len(crops) / stats["median"], "epoch_seconds": stats,
+            "achieved_gflops": len(crops) * 3 * 2 * macs / stats["median"] / 1e9,
+            "matmul_limit_gflops": matmul_flops / statistics.median(matmuls) / 1e9,
+            "share_of_matmul_limit": statistics.median(shares),
+        }
+    result["bf16_speedup"], result["bf16_speedup_spread"] = _ratio(times["float32"], times["mixed_bfloat16"])
+    result["bf16_matmul_speedup"], _ = _ratio(times["matmul_float32"], times["matmul_bfloat16"])
+    result["method"] = ("Keras fit, one epoch per call, Adam, every layer trainable "
+                        "(karyo.experiments.pretrain.build_classifier) on karyo.karyograms.chromosome_synth crops; "
+                        "float32 and mixed_bfloat16 alternated with a float32 and a bfloat16 TensorFlow matmul")
+    return result
+
+
 def bench_unfreeze_last_block(cfg, images, folder):
     """VGG16 with block 5 unfrozen: an epoch on cached block-4 output vs on images.
 
@@ -846,6 +910,7 @@ _SECTION_FUNCTIONS = {
     "head_training": bench_head_training,
     "unfreeze_last_block": bench_unfreeze_last_block,
     "tuner_trial": bench_tuner_trial,
+    "pretraining": bench_pretraining,
     "predict_memory": bench_predict_memory,
     "reproduce_overhead": bench_reproduce_overhead,
 }
@@ -1005,6 +1070,17 @@ def format_bench(result):
                     (fig["images_per_second_min"], fig["images_per_second_max"]),
                     f"{fig['share_of_matmul_limit']:.0%} of matmul GFLOP/s")
         add("dense matmul (GFLOP/s, float32)", thr["matmul"]["limit_gflops"])
+    pre = result.get("pretraining")
+    if pre:
+        where = f"{pre['backbone']} {pre['image_size']}px, every layer trained"
+        for precision in PRECISIONS:
+            fig = pre[precision]
+            add(f"pretraining {precision} ({where}; images/s)", fig["images_per_second"],
+                goal=f"{fig['share_of_matmul_limit']:.0%} of its matmul limit "
+                     f"({fig['matmul_limit_gflops']:.0f} GFLOP/s)")
+        add("  pretraining speedup, mixed_bfloat16 vs float32", pre["bf16_speedup"],
+            (pre["bf16_speedup_spread"]["min"], pre["bf16_speedup_spread"]["max"]),
+            goal=f"matmul alone {pre['bf16_matmul_speedup']:.2f}x", unit="x")
     mem = result.get("predict_memory")
     if mem:
         for n in mem["counts"]:
