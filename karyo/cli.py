@@ -213,10 +213,12 @@ def cmd_data_chromosomes(args):
 
 def cmd_data_augment(args):
     from karyo.data.augment import augment_manifest
+    from karyo.karyograms.pair_augment import augment_pairs
 
     out = augment_manifest(args.manifest, args.out, normal=args.normal, abnormal=args.abnormal,
                            brightness=args.brightness, noise=args.noise, blur=args.blur,
-                           seed=args.seed, root=args.root, progress=True)
+                           seed=args.seed, root=args.root, progress=True,
+                           transform=augment_pairs if args.per_pair else None)
     print(f"wrote {out}")
     return 0
 
@@ -279,6 +281,9 @@ def add_data_generators(dsub):
     p.add_argument("--brightness", type=_fraction, default=0.25, help="largest brightness change (0.25)")
     p.add_argument("--noise", type=_fraction, default=0.05, help="largest share of noisy pixels (0.05)")
     p.add_argument("--blur", type=float, default=0.0, help="largest Gaussian blur sigma in pixels (0: off)")
+    p.add_argument("--per-pair", action="store_true",
+                   help="also rotate (up to 8 degrees), mirror and shift each chromosome pair inside its slot, "
+                   "keeping the layout (the thesis' future work, 5.3; karyograms in karyo's layout)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--root", type=Path, help="folder the manifest's paths are relative to")
     p.set_defaults(func=cmd_data_augment)
@@ -340,7 +345,7 @@ def cmd_train(args):
         "epochs": args.epochs, "fine_tune_epochs": fine_tune_epochs,
         "image_size": args.image_size, "batch_size": args.batch_size, "lr": args.lr,
         "weights": args.weights, "ensemble": args.ensemble, "mc_passes": args.mc,
-        "threshold": args.threshold,
+        "threshold": args.threshold, "per_pair": args.per_pair,
     }.items() if v is not None})
     experiment = get_experiment(args.experiment, **overrides)
     run = train_experiment(experiment, args.data, args.out, protocol=args.split, seed=args.seed,
@@ -421,6 +426,9 @@ def add_model_commands(sub):
                    "(auto: ImageNet when obtainable, else chromosome)")
     p.add_argument("--hyperparameters", type=Path, help="best.json from 'karyo tune'")
     p.add_argument("--ensemble", type=_positive_int, help="train a deep ensemble of this many members")
+    p.add_argument("--per-pair", action="store_true", default=None,
+                   help="also rotate, mirror and shift each chromosome pair inside its slot in the augmented "
+                   "copies (the thesis' future work, 5.3; karyograms in karyo's layout; augmented experiments)")
     p.add_argument("--class-weight", choices=("none", "balanced"), default=None,
                    help="weigh classes by inverse frequency")
     p.add_argument("--mc", type=_positive_int, help="MC Dropout passes at evaluation (100)")

@@ -242,7 +242,7 @@ def copy_path(source_path, index):
 
 
 def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=NOISE, blur=0.0,
-                 seed=0, progress=False):
+                 seed=0, progress=False, transform=None):
     """Write every original once and augmented copies up to ``targets``; return the new rows.
 
     Originals are copied byte for byte to ``out_dir/images/<path>`` so the output manifest is
@@ -263,6 +263,9 @@ def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=
         brightness, noise, blur: see :func:`augment_image`.
         seed: the seed; a copy's randomness depends only on it, its source path and its number.
         progress: show a tqdm progress bar.
+        transform: ``f(image, rng) -> image`` applied to each copy before :func:`augment_image`
+            (e.g. :func:`karyo.karyograms.pair_augment.augment_pairs`), with a generator of its
+            own, so that switching it on leaves each copy's brightness, noise and blur unchanged.
 
     Returns:
         list of row dicts: the originals in input order, then the copies class by class.
@@ -317,7 +320,10 @@ def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=
             if gray:  # keep gray karyograms one-channel on disk (a third of the bytes)
                 image = image[:, :, 0]
             for index in plan[row["path"]]:
-                copy = augment_image(image, copy_rng(seed, row["path"], index),
+                source = image
+                if transform is not None:
+                    source = transform(image, copy_rng(seed, row["path"] + "#transform", index))
+                copy = augment_image(source, copy_rng(seed, row["path"], index),
                                      brightness=brightness, noise=noise, blur=blur)
                 png = encode_png(copy)
                 rel_copy = copy_path(row["path"], index)
@@ -332,7 +338,7 @@ def augment_rows(manifest, rows, out_dir, targets, brightness=BRIGHTNESS, noise=
 
 
 def augment_manifest(manifest_path, out_dir, normal=None, abnormal=None, brightness=BRIGHTNESS,
-                     noise=NOISE, blur=0.0, seed=0, root=None, progress=True):
+                     noise=NOISE, blur=0.0, seed=0, root=None, progress=True, transform=None):
     """Augment a whole manifest into ``out_dir`` (``manifest.csv`` + ``images/``), atomically.
 
     This is ``karyo data augment``. Targets default to :func:`default_targets` (the thesis'
@@ -343,7 +349,8 @@ def augment_manifest(manifest_path, out_dir, normal=None, abnormal=None, brightn
 
     Note that augmenting a whole manifest and splitting afterwards is the thesis' leaky
     protocol; for a leakage-free evaluation split by group first and augment the training part
-    (:func:`augment_rows` on those rows).
+    (:func:`augment_rows` on those rows). ``transform`` is passed to :func:`augment_rows`
+    (``karyo data augment --per-pair`` gives :func:`karyo.karyograms.pair_augment.augment_pairs`).
 
     Returns:
         Path of the written ``out_dir/manifest.csv``.
@@ -377,7 +384,7 @@ def augment_manifest(manifest_path, out_dir, normal=None, abnormal=None, brightn
     columns += [c for c in AUGMENT_COLUMNS if c not in columns]
     with atomic_dir(out_dir) as tmp:
         rows = augment_rows(manifest, manifest.rows, tmp, targets, brightness=brightness,
-                            noise=noise, blur=blur, seed=seed, progress=progress)
+                            noise=noise, blur=blur, seed=seed, progress=progress, transform=transform)
         write_manifest(tmp / MANIFEST_NAME, rows, columns)
         record = {
             "source_manifest": str(manifest_path),
@@ -388,6 +395,7 @@ def augment_manifest(manifest_path, out_dir, normal=None, abnormal=None, brightn
             "noise": noise,
             "blur": blur,
             "seed": seed,
+            "transform": getattr(transform, "__name__", None) if transform else None,
             "rule": _rule_text(counts),
         }
         atomic_write_text(tmp / "augment.json", json.dumps(record, indent=2) + "\n")

@@ -39,6 +39,8 @@ class Experiment:
         fine_tune_lr: learning rate after unfreezing (1e-5: the thesis' 1e-3 / 100, the usual
             fine-tuning convention; the thesis does not say which it used).
         dense_units, dropout: the head's width and dropout rate (not given in the thesis).
+        per_pair: also rotate, mirror and shift each chromosome pair inside its slot in the
+            augmented copies (the thesis' future work, 5.3; needs ``augmented``).
         mc_passes, threshold: 100 passes and 80 % (thesis 3.4).
         thesis: the published result, for the seven Table 5.1 rows.
         family: ``thesis`` or ``beyond``.
@@ -62,6 +64,7 @@ class Experiment:
     fine_tune_lr: float = 1e-5
     dense_units: int = 256
     dropout: float = 0.5
+    per_pair: bool = False
     patience: int = 10
     mc_passes: int = MC_PASSES
     threshold: float = REFERRAL_THRESHOLD
@@ -101,6 +104,8 @@ BEYOND_EXPERIMENTS = (
                weights="none", unfreeze="all", lr=1e-4, fine_tune_lr=1e-4, family="beyond"),
     Experiment("vgg16_ensemble", "VGG16 deep ensemble of 5 (instead of MC Dropout)", "vgg16",
                ensemble=5, family="beyond"),
+    Experiment("vgg16_per_pair", "processed data on VGG16, each pair also rotated, mirrored and shifted in its slot",
+               "vgg16", per_pair=True, family="beyond"),
     Experiment("resnet50_augmented", "processed data on ResNet50", "resnet50", family="beyond"),
     Experiment("densenet121_augmented", "processed data on DenseNet121", "densenet121", family="beyond"),
     Experiment("efficientnetv2b0_augmented", "processed data on EfficientNetV2-B0", "efficientnetv2b0",
@@ -140,4 +145,8 @@ def get_experiment(name, **overrides):
     if unknown:
         raise KaryoError(f"unknown experiment setting(s): {', '.join(unknown)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(experiment, **overrides)
+    experiment = replace(experiment, **overrides)
+    if experiment.per_pair and not experiment.augmented:
+        raise KaryoError(f"{name}: per-pair augmentation works on the augmented copies, and this experiment "
+                         "trains on the original images only (choose an augmented one, e.g. vgg16_augmented)")
+    return experiment

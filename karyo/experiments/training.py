@@ -43,6 +43,7 @@ from karyo.experiments.detection import train_detector
 from karyo.experiments.fit import FitConfig, strategy_scope, strategy_summary, two_phase_fit, write_history
 from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.runs import evaluate_run
+from karyo.karyograms.pair_augment import augment_pairs
 from karyo.models.backbones import get_backbone
 from karyo.models.network import build_model
 from karyo.models.saving import load_model
@@ -66,7 +67,7 @@ def _hash_text(text):
 
 
 def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
-                 brightness=0.25, noise=0.05, blur=0.0):
+                 brightness=0.25, noise=0.05, blur=0.0, per_pair=False):
     """Split a manifest (and augment it, if asked) under one protocol.
 
     ``grouped``: split by group first, then augment the training part only; validation and
@@ -74,7 +75,9 @@ def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
     (thesis sections 3.1.2 and 4.2), so copies of one karyogram land in several parts.
 
     The augmented images are written once into ``data_dir`` and reused by every experiment that
-    asks for the same data (same source rows, protocol, seed and parameters).
+    asks for the same data (same source rows, protocol, seed and parameters). ``per_pair`` also
+    moves each chromosome pair of every augmented copy inside its slot (thesis 5.3;
+    :func:`karyo.karyograms.pair_augment.augment_pairs`).
 
     Returns:
         A :class:`Manifest` whose rows carry a ``split`` column (train / val / test).
@@ -87,9 +90,11 @@ def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
             row["split"] = part
         return manifest.subset(rows)
 
-    key = _hash_text(json.dumps([protocol, seed, brightness, noise, blur,
-                                 [(r["path"], r["label"], r["group"], r.get("sha256", "")) for r in rows]]))
+    settings = [protocol, seed, brightness, noise, blur] + (["per_pair"] if per_pair else [])
+    key = _hash_text(json.dumps(settings + [[(r["path"], r["label"], r["group"], r.get("sha256", ""))
+                                             for r in rows]]))
     out = Path(data_dir) / f"augmented-{protocol}-seed{seed}-{key}"
+    transform = augment_pairs if per_pair else None
     prepared = out / "manifest.csv"
     if prepared.is_file():
         return read_manifest(prepared)
@@ -108,11 +113,13 @@ def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
             train = [r for r in rows if r["split"] == "train"]
             rest = [r for r in rows if r["split"] != "train"]
             targets = default_targets(counts(train))
-            new_rows = augment_rows(manifest, train, tmp, targets, brightness, noise, blur, seed, progress)
+            new_rows = augment_rows(manifest, train, tmp, targets, brightness, noise, blur, seed, progress,
+                                    transform)
             new_rows += augment_rows(manifest, rest, tmp, {}, brightness, noise, blur, seed, False)
         else:
             targets = default_targets(counts(rows))
-            new_rows = augment_rows(manifest, rows, tmp, targets, brightness, noise, blur, seed, progress)
+            new_rows = augment_rows(manifest, rows, tmp, targets, brightness, noise, blur, seed, progress,
+                                    transform)
             parts = split_rows(new_rows, "thesis", seed)
             for row, part in zip(new_rows, parts):
                 row["split"] = part
@@ -257,7 +264,7 @@ def _train_run(experiment, data, out, manifest, protocol, seed, cache_dir, data_
 
     started = time.time()
     prepared = prepare_data(manifest, experiment.augmented, protocol, seed,
-                            Path(data_dir) if data_dir else out / "data", progress)
+                            Path(data_dir) if data_dir else out / "data", progress, per_pair=experiment.per_pair)
     for row in prepared.rows:  # split.csv records the sha256 of every image the run reads
         row["sha256"] = row.get("sha256") or sha256_file(prepared.resolve(row))
     write_manifest(out / "split.csv", prepared.rows)

@@ -12,7 +12,16 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['abnormal_cells', 'assemble', 'chromosome_synth', 'karyotype', 'layout', 'slots', 'synth'],
+    submodules=[
+        'abnormal_cells',
+        'assemble',
+        'chromosome_synth',
+        'karyotype',
+        'layout',
+        'pair_augment',
+        'slots',
+        'synth',
+    ],
     submod_attrs={
         'abnormal_cells': ['slot_labels', 'make_abnormal', 'abnormal_karyogram', 'cell_slot_labels', 'split_cells'],
         'assemble': [
@@ -29,6 +38,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'Arrangement', 'gap', 'slot_boxes', 'number_boxes', 'draw_numbers', 'fit_scale', 'arrange_karyogram',
             'background_level',
         ],
+        'pair_augment': ['augment_pairs'],
         'slots': [
             'ChromosomeReading', 'SlotReading', 'as_gray', 'darkness', 'main_axis_profile', 'read_slots',
             'slot_counts', 'expected_counts', 'count_deviations',
