@@ -189,7 +189,8 @@ def cmd_data_synth(args):
     from karyo.karyograms.synth import synthesize
 
     out = synthesize(args.out, normal=args.normal, abnormal=args.abnormal, size=args.size,
-                     seed=args.seed, stain=args.stain, variants=args.variants, progress=True)
+                     seed=args.seed, stain=args.stain, variants=args.variants, progress=True,
+                     layout=args.layout)
     print(f"wrote {out}")
     return 0
 
@@ -198,7 +199,7 @@ def cmd_data_assemble(args):
     from karyo.karyograms.assemble import assemble_cells
 
     out = assemble_cells(args.cells, args.out, size=args.size,
-                         include_uncertain=args.include_uncertain, progress=True)
+                         include_uncertain=args.include_uncertain, progress=True, layout=args.layout)
     print(f"wrote {out}")
     return 0
 
@@ -239,6 +240,9 @@ def add_data_generators(dsub):
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--stain", choices=("g", "q"), default="g",
                    help="g: G-banding (dark bands on white); q: Q-banding (bright on dark)")
+    p.add_argument("--layout", choices=("standard", "compact"), default="standard",
+                   help="standard: pair numbers under the slots, as printed (default); compact: thin margins and "
+                   "gaps, no numbers, so chromosomes are drawn larger at the same size (the thesis' future work, 5.3)")
     p.add_argument("--variants", action="store_true",
                    help="add inv(9)(p12q13), a common normal variant, among the normal cells")
     p.set_defaults(func=cmd_data_synth)
@@ -255,6 +259,9 @@ def add_data_generators(dsub):
     p.add_argument("--size", type=_positive_int, default=416, help="image side in pixels (416)")
     p.add_argument("--include-uncertain", action="store_true",
                    help="keep cells labelled 'uncertain' (irregular chromosome counts)")
+    p.add_argument("--layout", choices=("standard", "compact"), default="standard",
+                   help="standard: pair numbers under the slots (default); compact: thin margins and gaps, no "
+                   "numbers, chromosomes drawn larger (the thesis' future work, 5.3)")
     p.set_defaults(func=cmd_data_assemble)
 
     p = dsub.add_parser(

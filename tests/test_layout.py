@@ -122,3 +122,46 @@ def test_bad_input_is_a_clear_error():
 def test_background_level_reads_the_border():
     assert background_level(bar(30)) == 255
     assert background_level(bar(30, level=220, background=0)) == 0
+
+
+def test_the_compact_layout_keeps_the_slots_and_draws_larger_chromosomes(tmp_path):
+    import csv
+
+    from karyo.karyograms.karyotype import get
+    from karyo.karyograms.layout import get_layout, number_boxes
+    from karyo.karyograms.synth import render_karyogram, synthesize
+
+    for size in (64, 128, 416):
+        standard, compact = slot_boxes(size), slot_boxes(size, "compact")
+        assert list(standard) == list(compact)  # same slots, same order
+        boxes = list(compact.values())
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+            for u0, v0, u1, v1 in boxes[i + 1:]:
+                assert x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0  # no two boxes overlap
+        # Less paper: every slot is at least as tall, and slot 1 clearly taller.
+        assert all(compact[s][3] - compact[s][1] >= standard[s][3] - standard[s][1] for s in standard)
+        assert compact["1"][3] - compact["1"][1] >= 1.15 * (standard["1"][3] - standard["1"][1])
+    assert number_boxes(128, "compact") == {}
+    with pytest.raises(KaryoError, match="unknown karyogram layout 'tight'"):
+        get_layout("tight")
+
+    rng = np.random.default_rng
+    a = render_karyogram(get("normal_xy"), 128, rng(0))
+    b = render_karyogram(get("normal_xy"), 128, rng(0), layout="compact")
+    assert (b < 200).sum() > 1.1 * (a < 200).sum()  # the same cell, drawn larger
+
+    manifest = synthesize(tmp_path / "c", normal=1, abnormal=1, size=64, layout="compact", progress=False)
+    rows = list(csv.DictReader(open(manifest)))
+    assert [r["layout"] for r in rows] == ["compact", "compact"]
+    plain = synthesize(tmp_path / "s", normal=1, abnormal=1, size=64, progress=False)
+    assert "layout" not in open(plain).readline()
+
+
+def test_per_pair_augmentation_follows_the_manifests_layout():
+    from karyo.experiments.training import manifest_layout
+
+    assert manifest_layout([{"path": "a"}, {"path": "b", "layout": ""}]) == "standard"
+    assert manifest_layout([{"layout": "compact"}]) == "compact"
+    with pytest.raises(KaryoError, match="mixes karyogram layouts"):
+        manifest_layout([{"layout": "compact"}, {"path": "b"}])

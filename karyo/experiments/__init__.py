@@ -57,8 +57,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'reproduce': ['Preset', 'get_preset', 'run_dir', 'seed_dir', 'reproduce'],
         'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
         'training': [
-            'is_complete', 'prepare_data', 'environment', 'read_json', 'train_model', 'print_warning',
-            'train_experiment',
+            'is_complete', 'manifest_layout', 'prepare_data', 'environment', 'read_json', 'train_model',
+            'print_warning', 'train_experiment',
         ],
         'transfer': [
             'target_holdout_groups', 'two_step', 'check_inputs', 'write_comparison', 'comparison_markdown',

@@ -18,6 +18,7 @@ TensorBoard logs in ``logs/``. ``metrics.json`` is written last: its presence me
 complete, which is how ``--resume`` and ``karyo reproduce`` know to skip it.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from karyo.experiments.detection import train_detector
 from karyo.experiments.fit import FitConfig, strategy_scope, strategy_summary, two_phase_fit, write_history
 from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.runs import evaluate_run
+from karyo.karyograms.layout import get_layout
 from karyo.karyograms.pair_augment import augment_pairs
 from karyo.models.backbones import get_backbone
 from karyo.models.network import build_model
@@ -64,6 +66,19 @@ def is_complete(run_dir):
 
 def _hash_text(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def manifest_layout(rows):
+    """The karyogram layout of a manifest's rows: its ``layout`` column, ``standard`` without one.
+
+    Raises:
+        KaryoError: the rows mix layouts (per-pair augmentation must know where the slots are).
+    """
+    layouts = sorted({row.get("layout") or "standard" for row in rows})
+    if len(layouts) > 1:
+        raise KaryoError(f"the manifest mixes karyogram layouts ({', '.join(layouts)}): per-pair augmentation "
+                         "needs one (render or assemble them with one --layout)")
+    return get_layout(layouts[0] if layouts else "standard").name
 
 
 def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
@@ -94,7 +109,7 @@ def prepare_data(manifest, augmented, protocol, seed, data_dir, progress=True,
     key = _hash_text(json.dumps(settings + [[(r["path"], r["label"], r["group"], r.get("sha256", ""))
                                              for r in rows]]))
     out = Path(data_dir) / f"augmented-{protocol}-seed{seed}-{key}"
-    transform = augment_pairs if per_pair else None
+    transform = functools.partial(augment_pairs, layout=manifest_layout(rows)) if per_pair else None
     prepared = out / "manifest.csv"
     if prepared.is_file():
         return read_manifest(prepared)

@@ -35,8 +35,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'chromosome_length', 'centromere_position',
         ],
         'layout': [
-            'Arrangement', 'gap', 'slot_boxes', 'number_boxes', 'draw_numbers', 'fit_scale', 'arrange_karyogram',
-            'background_level',
+            'Layout', 'get_layout', 'Arrangement', 'gap', 'slot_boxes', 'number_boxes', 'draw_numbers', 'fit_scale',
+            'arrange_karyogram', 'background_level',
         ],
         'pair_augment': ['augment_pairs'],
         'slots': [

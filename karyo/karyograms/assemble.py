@@ -31,7 +31,7 @@ import numpy as np
 from karyo.atomic import atomic_dir
 from karyo.errors import ImageError, ManifestError
 from karyo.data.imageio import DEFAULT_SIZE, decode_image, encode_png, is_image_path
-from karyo.karyograms.layout import BLACK, WHITE, arrange_karyogram, background_level
+from karyo.karyograms.layout import BLACK, WHITE, arrange_karyogram, background_level, get_layout
 from karyo.data.manifest import CHROMOSOME_LABELS, check_output_folder, write_manifest
 
 #: Columns ``cells.csv`` must have.
@@ -235,8 +235,8 @@ def prepare_cell(cells_dir, cell, straighten=True):
     return prepared, background
 
 
-def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
-    """Lay one cell's crops out as a karyogram.
+def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True, layout="standard"):
+    """Lay one cell's crops out as a karyogram (``layout``: ``standard`` or ``compact``).
 
     Returns:
         ``(rgb uint8 image, number of crops, background level)``.
@@ -246,7 +246,7 @@ def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
         ManifestError: the cell folder is missing or malformed.
     """
     prepared, background = prepare_cell(cells_dir, cell, straighten)
-    laid = arrange_karyogram(prepared, size, background=background)
+    laid = arrange_karyogram(prepared, size, background=background, layout=layout)
     return laid.image, sum(len(cs) for cs in prepared.values()), background
 
 
@@ -263,7 +263,7 @@ def _cells_iterator(rows, progress, desc):
 
 
 def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=False, cells=None,
-                   progress=True, straighten=True):
+                   progress=True, straighten=True, layout="standard"):
     """Assemble every cell of a set into a karyogram: ``out_dir/manifest.csv`` + ``images/``.
 
     Args:
@@ -275,6 +275,7 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
         cells: optional cell ids, or the number of (selected) cells to take from the top.
         progress: show a progress bar.
         straighten: turn slanted crops upright (see :func:`upright`).
+        layout: ``standard`` or ``compact`` (thin gaps, no numbers; then a ``layout`` column is added).
 
     Returns:
         path of the manifest (columns ``path,label,group,karyotype,cell,n_chromosomes,sha256``;
@@ -286,6 +287,7 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
         ImageError: a crop cannot be read; nothing is written.
     """
     cells_dir, out_dir = Path(cells_dir), Path(out_dir)
+    layout = get_layout(layout).name
     rows = read_cells(cells_dir)
     check_output_folder(out_dir, inputs=(cells_dir,))
     keep = CELL_LABELS if include_uncertain else ("normal", "abnormal")
@@ -296,7 +298,7 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for row in _cells_iterator(rows, progress, "assemble karyograms"):
-            image, n, _ = assemble_cell(cells_dir, row["cell"], size, straighten)
+            image, n, _ = assemble_cell(cells_dir, row["cell"], size, straighten, layout)
             if n != int(row["n_chromosomes"]):
                 raise ManifestError(f"{cells_dir / 'cells' / row['cell']}: {n} crops, but "
                                     f"cells.csv says n_chromosomes={row['n_chromosomes']}")
@@ -309,8 +311,10 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
             out_rows.append({"path": f"images/{name}.png", "label": row["label"],
                              "group": row["case"] or row["cell"], "karyotype": row["karyotype"],
                              "cell": row["cell"], "n_chromosomes": row["n_chromosomes"],
-                             "sha256": hashlib.sha256(data).hexdigest()})
-        write_manifest(tmp / "manifest.csv", out_rows, list(KARYOGRAM_COLUMNS))
+                             "sha256": hashlib.sha256(data).hexdigest()}
+                            | ({"layout": layout} if layout != "standard" else {}))
+        write_manifest(tmp / "manifest.csv", out_rows,
+                       list(KARYOGRAM_COLUMNS) + (["layout"] if layout != "standard" else []))
     return out_dir / "manifest.csv"
 
 

@@ -39,6 +39,40 @@ MIN_SIZE = 64
 WHITE, BLACK = 255, 0
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How much of the canvas is paper: margins, the pair numbers' band and the gaps, as shares of the side.
+
+    ``standard`` is what cytogeneticists print. ``compact`` is the thesis' future work (5.3: "the
+    gaps between the chromosome pairs in the karyogram are somewhat large, which can be reduced to make
+    meaningful objects more compact and reduce the blank areas' interference"): thin margins and gaps
+    and no number band, so the same slots hold larger chromosomes at the same input size. The slots'
+    order and arrangement are the same in both.
+    """
+
+    name: str
+    margin: float
+    number_band: float
+    gap: float
+
+
+#: The layouts karyograms can be drawn in, by name.
+LAYOUTS = {
+    "standard": Layout("standard", MARGIN, NUMBER_BAND, 0.011),
+    "compact": Layout("compact", 0.004, 0.0, 0.004),
+}
+
+
+def get_layout(layout):
+    """The :class:`Layout` named ``layout`` (a Layout is returned as it is)."""
+    if isinstance(layout, Layout):
+        return layout
+    try:
+        return LAYOUTS[layout]
+    except KeyError:
+        raise KaryoError(f"unknown karyogram layout '{layout}' (choose {', '.join(LAYOUTS)})") from None
+
+
 @dataclass
 class Arrangement:
     """A laid-out karyogram: the RGB image, the scale applied, and where each chromosome went.
@@ -57,29 +91,30 @@ def _check_size(size):
         raise KaryoError(f"image size {size} is too small for a karyogram (at least {MIN_SIZE} px)")
 
 
-def gap(size):
+def gap(size, layout="standard"):
     """Pixels left between neighbouring chromosomes of a slot (and between slots)."""
-    return max(2, int(round(size * 0.011)))
+    return max(2, int(round(size * get_layout(layout).gap)))
 
 
-def _geometry(size):
-    margin = max(1, int(round(size * MARGIN)))
-    band = max(6, int(round(size * NUMBER_BAND)))
+def _geometry(size, layout="standard"):
+    layout = get_layout(layout)
+    margin = max(1, int(round(size * layout.margin)))
+    band = max(6, int(round(size * layout.number_band))) if layout.number_band else 0
     usable = size - 2 * margin - len(ROWS) * band
     heights = np.array(ROW_WEIGHTS) / sum(ROW_WEIGHTS) * usable
     tops = margin + np.concatenate([[0], np.cumsum(heights + band)[:-1]])
     return margin, band, tops, heights
 
 
-def slot_boxes(size):
+def slot_boxes(size, layout="standard"):
     """``{slot: (x0, y0, x1, y1)}``: the box each slot's chromosomes go in (``x1``/``y1`` exclusive).
 
     Boxes do not overlap and are at least :func:`gap` pixels apart; ``y1`` is the baseline the
     chromosomes stand on. The pair number is written below it (:func:`number_boxes`).
     """
     _check_size(size)
-    margin, band, tops, heights = _geometry(size)
-    half_gap = gap(size) / 2.0
+    margin, band, tops, heights = _geometry(size, layout)
+    half_gap = gap(size, layout) / 2.0
     boxes = {}
     for row, top, height in zip(ROWS, tops, heights):
         width = (size - 2 * margin) / len(row)
@@ -90,21 +125,28 @@ def slot_boxes(size):
     return boxes
 
 
-def number_boxes(size):
-    """``{slot: (x0, y0, x1, y1)}``: the band under each slot where its pair number is written."""
-    _, band, _, _ = _geometry(size)
-    return {slot: (x0, y1, x1, y1 + band) for slot, (x0, y0, x1, y1) in slot_boxes(size).items()}
+def number_boxes(size, layout="standard"):
+    """``{slot: (x0, y0, x1, y1)}``: the band under each slot where its pair number is written.
+
+    Empty for a layout without numbers (``compact``)."""
+    _, band, _, _ = _geometry(size, layout)
+    if not band:
+        return {}
+    return {slot: (x0, y1, x1, y1 + band) for slot, (x0, y0, x1, y1) in slot_boxes(size, layout).items()}
 
 
-def draw_numbers(canvas, ink):
+def draw_numbers(canvas, ink, layout="standard"):
     """Write the pair numbers (1..22, X, Y) centred in the bands under the slots.
 
     The text keeps one pixel clear of the band's top and bottom so it never touches a chromosome.
+    A layout without a number band draws nothing.
     """
     import cv2
 
     size = canvas.shape[0]
-    boxes = number_boxes(size)
+    boxes = number_boxes(size, layout)
+    if not boxes:
+        return canvas
     band = next(iter(boxes.values()))
     band_h = band[3] - band[1]
     thickness = 1
@@ -125,18 +167,19 @@ def draw_numbers(canvas, ink):
     return canvas
 
 
-def fit_scale(sizes, size):
+def fit_scale(sizes, size, layout="standard"):
     """The largest scale at which every slot's chromosomes fit their boxes.
 
     Args:
         sizes: ``{slot: [(height, width), ...]}`` of the chromosome images, unscaled.
         size: canvas side.
+        layout: ``standard`` or ``compact`` (:data:`LAYOUTS`).
 
     Returns:
         float scale (``inf`` when no slot holds anything).
     """
-    boxes = slot_boxes(size)
-    g = gap(size)
+    boxes = slot_boxes(size, layout)
+    g = gap(size, layout)
     best = float("inf")
     for slot, items in sizes.items():
         if not items:
@@ -152,7 +195,7 @@ def fit_scale(sizes, size):
 
 
 def arrange_karyogram(slots, size=416, background=WHITE, scale=None, max_scale=None,
-                      numbers=True, ink=None):
+                      numbers=True, ink=None, layout="standard"):
     """Place chromosome images into the standard layout with one scale for the whole karyogram.
 
     Args:
@@ -164,6 +207,7 @@ def arrange_karyogram(slots, size=416, background=WHITE, scale=None, max_scale=N
         max_scale: never enlarge beyond this (``None``: the chromosomes fill their rows).
         numbers: write the pair numbers under the slots.
         ink: gray level of the numbers (default: dark on a light background, light on a dark one).
+        layout: ``standard`` (numbers under the slots) or ``compact`` (thin gaps, no numbers).
 
     Returns:
         :class:`Arrangement` with an RGB ``uint8`` image of ``size`` x ``size``.
@@ -176,15 +220,15 @@ def arrange_karyogram(slots, size=416, background=WHITE, scale=None, max_scale=N
         for im in items:
             if im.ndim != 2 or im.dtype != np.uint8 or min(im.shape) < 1:
                 raise KaryoError(f"slot {slot}: chromosome images must be 2-D uint8 arrays")
-    fit = fit_scale({s: [im.shape for im in items] for s, items in images.items()}, size)
+    fit = fit_scale({s: [im.shape for im in items] for s, items in images.items()}, size, layout)
     if fit == float("inf"):
         fit = 1.0
     chosen = fit if scale is None else min(scale, fit)
     if max_scale is not None:
         chosen = min(chosen, max_scale)
     canvas = np.full((size, size), int(background), np.uint8)
-    boxes = slot_boxes(size)
-    g = gap(size)
+    boxes = slot_boxes(size, layout)
+    g = gap(size, layout)
     rects = {}
     for slot in SLOTS:
         items = images.get(slot)
@@ -214,7 +258,7 @@ def arrange_karyogram(slots, size=416, background=WHITE, scale=None, max_scale=N
     if numbers:
         if ink is None:
             ink = 40 if background >= 128 else 215
-        draw_numbers(canvas, ink)
+        draw_numbers(canvas, ink, layout)
     return Arrangement(np.repeat(canvas[:, :, None], 3, axis=2), chosen, rects)
 
 

@@ -32,7 +32,7 @@ PAIR_SHIFT = 0.06
 PAIR_MIRROR = 0.5
 
 
-def augment_pairs(image, rng, max_angle=PAIR_ANGLE, max_shift=PAIR_SHIFT, mirror=PAIR_MIRROR):
+def augment_pairs(image, rng, max_angle=PAIR_ANGLE, max_shift=PAIR_SHIFT, mirror=PAIR_MIRROR, layout="standard"):
     """A copy of ``image`` with every chromosome pair rotated, mirrored and shifted inside its slot.
 
     Args:
@@ -42,6 +42,7 @@ def augment_pairs(image, rng, max_angle=PAIR_ANGLE, max_shift=PAIR_SHIFT, mirror
             it draws the angle, the mirror and the two shifts.
         max_angle: largest rotation in degrees; max_shift: largest shift as a share of the box;
         mirror: probability of a left-right mirror.
+        layout: the layout the karyogram is drawn in (``standard`` or ``compact``).
 
     Returns:
         A new array of the same shape and dtype. Pixels outside the slot boxes are unchanged.
@@ -60,7 +61,7 @@ def augment_pairs(image, rng, max_angle=PAIR_ANGLE, max_shift=PAIR_SHIFT, mirror
     paper = background_level(image)
     fill = (paper,) * (image.shape[2] if image.ndim == 3 else 1)
     out = image.copy()
-    for x0, y0, x1, y1 in slot_boxes(image.shape[0]).values():
+    for x0, y0, x1, y1 in slot_boxes(image.shape[0], layout).values():
         angle = rng.uniform(-max_angle, max_angle)
         flip = rng.random() < mirror
         dx = rng.uniform(-max_shift, max_shift) * (x1 - x0)

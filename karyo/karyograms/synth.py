@@ -38,7 +38,7 @@ from karyo.atomic import atomic_dir
 from karyo.errors import KaryoError
 from karyo.data.imageio import DEFAULT_SIZE, encode_png
 from karyo.karyograms.karyotype import (ABNORMALITIES, ACROCENTRIC, chromosome_bands, for_abnormality)
-from karyo.karyograms.layout import MIN_SIZE, arrange_karyogram, fit_scale
+from karyo.karyograms.layout import MIN_SIZE, arrange_karyogram, fit_scale, get_layout
 from karyo.data.manifest import check_output_folder, write_manifest
 
 #: The thesis' alpha-dataset (section 3.1.2: "105 regular cases and 41 abnormal cases").
@@ -210,7 +210,7 @@ def render_chromosome(c, px_per_unit, stain, background, band_sigma, groove_dept
     return np.clip(crop[y0:y1, x0:x1], 0, 255).round().astype(np.uint8)
 
 
-def render_karyogram(karyotype, size=DEFAULT_SIZE, rng=None, stain="g"):
+def render_karyogram(karyotype, size=DEFAULT_SIZE, rng=None, stain="g", layout="standard"):
     """Render one karyogram of ``karyotype`` as an RGB ``uint8`` array of ``size`` x ``size``.
 
     Args:
@@ -218,9 +218,10 @@ def render_karyogram(karyotype, size=DEFAULT_SIZE, rng=None, stain="g"):
         size: side in pixels (the thesis' 416 by default; at least 64).
         rng: ``numpy.random.Generator``, the only source of randomness (default: seed 0).
         stain: ``"g"`` (G-banding: dark bands on white) or ``"q"`` (Q-banding: bright on dark).
+        layout: ``standard`` or ``compact`` (:data:`karyo.karyograms.layout.LAYOUTS`).
 
     Raises:
-        KaryoError: unknown stain or a size too small for a karyogram.
+        KaryoError: unknown stain or layout, or a size too small for a karyogram.
     """
     import cv2
 
@@ -228,19 +229,20 @@ def render_karyogram(karyotype, size=DEFAULT_SIZE, rng=None, stain="g"):
         raise KaryoError(f"unknown stain '{stain}' (choose g or q)")
     if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
         raise KaryoError(f"image size {size} is too small for a karyogram (at least {MIN_SIZE} px)")
+    get_layout(layout)
     rng = np.random.default_rng(0) if rng is None else rng
     cell = sample_cell(rng, stain)
     posed = {slot: [sample_chromosome(rng, ch, cell, stain) for ch in chromosomes]
              for slot, chromosomes in karyotype.slots}
     # One scale for the whole karyogram, a little under the fit so that drawn crops (which
     # gain a pixel of anti-aliasing) are never resampled by the layout.
-    px_per_unit = 0.97 * fit_scale({s: [extent(c) for c in cs] for s, cs in posed.items()}, size)
+    px_per_unit = 0.97 * fit_scale({s: [extent(c) for c in cs] for s, cs in posed.items()}, size, layout)
     band_sigma = cell["band_sigma"] * max(1.0, size / 416) / cell["condensation"]
     crops = {slot: [render_chromosome(c, px_per_unit, stain, cell["background"], band_sigma,
                                       cell["groove"]) for c in cs]
              for slot, cs in posed.items()}
     laid = arrange_karyogram(crops, size, background=cell["background"], scale=1.0,
-                             ink=45 if stain == "g" else 200)
+                             ink=45 if stain == "g" else 200, layout=layout)
     gray = laid.image[:, :, 0].astype(np.float32)
     gray = cv2.GaussianBlur(gray, (0, 0), sigmaX=cell["blur"] * max(1.0, size / 416))
     gray += rng.normal(0.0, cell["noise"], gray.shape).astype(np.float32)
@@ -274,13 +276,14 @@ def plan_dataset(normal=ALPHA_NORMAL, abnormal=ALPHA_ABNORMAL, seed=0, variants=
 
 
 def synthesize(out_dir, normal=ALPHA_NORMAL, abnormal=ALPHA_ABNORMAL, size=DEFAULT_SIZE, seed=0,
-               stain="g", variants=False, progress=True):
+               stain="g", variants=False, progress=True, layout="standard"):
     """Render a synthetic karyogram dataset into ``out_dir``: ``manifest.csv`` + ``images/*.png``.
 
     Defaults are the thesis' alpha-dataset: 105 normal and 41 abnormal karyograms at 416x416
     (section 3.1.2). Each image is its own group (``synth-0007``); the manifest has the columns
     ``path,label,group,karyotype,abnormality,sex,sha256``. The folder appears whole or not at
-    all, and the same arguments give identical bytes.
+    all, and the same arguments give identical bytes. ``layout="compact"`` draws the karyograms
+    with thin gaps and no pair numbers (the thesis' future work, 5.3) and adds a ``layout`` column.
 
     Returns:
         path of the manifest.
@@ -296,6 +299,7 @@ def synthesize(out_dir, normal=ALPHA_NORMAL, abnormal=ALPHA_ABNORMAL, size=DEFAU
         raise KaryoError(f"unknown stain '{stain}' (choose g or q)")
     if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
         raise KaryoError(f"image size {size} is too small for a karyogram (at least {MIN_SIZE} px)")
+    layout = get_layout(layout).name
     check_output_folder(out_dir)  # never replace a file or a folder of someone else's files
     plan = plan_dataset(normal, abnormal, seed, variants)
     iterator = enumerate(plan)
@@ -308,12 +312,13 @@ def synthesize(out_dir, normal=ALPHA_NORMAL, abnormal=ALPHA_ABNORMAL, size=DEFAU
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for i, karyotype in iterator:
-            image = render_karyogram(karyotype, size, np.random.default_rng([seed, i]), stain)
+            image = render_karyogram(karyotype, size, np.random.default_rng([seed, i]), stain, layout)
             name = f"synth-{i:04d}"
             data = encode_png(image[:, :, 0])  # gray PNG: the three channels are equal
             (tmp / "images" / f"{name}.png").write_bytes(data)
             rows.append({"path": f"images/{name}.png", "label": karyotype.label, "group": name,
                          "karyotype": karyotype.iscn, "abnormality": karyotype.abnormality,
-                         "sex": karyotype.sex, "sha256": hashlib.sha256(data).hexdigest()})
-        write_manifest(tmp / "manifest.csv", rows, list(COLUMNS))
+                         "sex": karyotype.sex, "sha256": hashlib.sha256(data).hexdigest()}
+                        | ({"layout": layout} if layout != "standard" else {}))
+        write_manifest(tmp / "manifest.csv", rows, list(COLUMNS) + (["layout"] if layout != "standard" else []))
     return out_dir / "manifest.csv"
