@@ -726,8 +726,9 @@ def add_pretrain_command(sub):
     p.add_argument("--epochs", type=_positive_int, help="training epochs (6)")
     p.add_argument("--n-synthetic", type=_non_negative_int, help="synthetic training crops (2400)")
     p.add_argument("--stain", choices=("g", "q", "both"), default="both", help="synthetic stain (both)")
-    p.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="float32",
-                   help="compute precision (float32)")
+    p.add_argument("--precision", choices=("float32", "mixed_bfloat16"), default="mixed_bfloat16",
+                   help="compute precision: mixed_bfloat16 (default) computes the convolutions in bfloat16, "
+                        "about 1.5-2x faster on CPUs with bf16 units; float32 everywhere else")
     p.add_argument("--seed", type=int, default=0, help="seed of crops, split and weights")
     p.add_argument("--verbose", action="store_true", help="per-batch progress bars")
     p.set_defaults(func=cmd_pretrain)
