@@ -372,8 +372,11 @@ def cmd_predict(args):
     from karyo.experiments.runs import predict_paths
     from karyo.uncertainty.confidence import write_predictions
 
+    explain = None
+    if args.explain:
+        explain = args.out.parent if args.out else Path(".")
     rows, problems = predict_paths(args.model, args.paths, passes=args.mc, threshold=args.threshold,
-                                   seed=args.seed)
+                                   seed=args.seed, explain=explain)
     for path, reason in problems:
         print(f"karyo: skipped {path}: {reason}", file=sys.stderr)
     if rows:
@@ -386,6 +389,8 @@ def cmd_predict(args):
         if args.out:
             write_predictions(args.out, rows)
             print(f"wrote {args.out}")
+        if explain is not None:
+            print(f"wrote {explain / 'explanations.csv'} and {len(rows)} picture(s) in {explain / 'explain'}")
     return 1 if problems else 0
 
 
@@ -447,15 +452,22 @@ def add_model_commands(sub):
         "predict", help="score new karyograms with a trained run",
         description="Score karyogram files or folders with a trained run: majority label of the MC "
         "passes, confidence (share of votes), mean probability of abnormal, and whether to refer the "
-        "case to manual review. Unreadable files are reported and skipped; the exit status is 1 if "
-        "any input was bad.",
+        "case to manual review. With a karyotype_detector run, a cell folder of chromosome crops "
+        "(CELL/<k>/*.png, k = 1..22, 23 = X, 24 = Y), or a folder of such cells, is laid out as a "
+        "karyogram on the fly (as 'karyo data assemble' does, 416 px) and scored. Unreadable files and "
+        "malformed cell folders are reported and skipped; the exit status is 1 if any input was bad.",
     )
     p.add_argument("--model", required=True, type=Path, help="run folder written by 'karyo train'")
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("paths", nargs="+", type=Path, help="image files, folders of images, or cell folders of crops")
     p.add_argument("--mc", type=_positive_int, default=100, help="MC Dropout passes (100)")
     p.add_argument("--threshold", type=_fraction, default=0.8, help="referral threshold (0.8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
     p.add_argument("--out", type=Path, help="write the predictions as CSV")
+    p.add_argument("--explain", action="store_true",
+                   help="karyotype_detector runs: beside --out (or in the current folder) write "
+                   "explain/<name>.png, each karyogram with its slots coloured by P(slot abnormal) and the "
+                   "top reasons in words ('slot 21: 3 chromosomes (expected 2)'), explanations.csv (the "
+                   "reasons as text) and slot_probabilities.csv")
     p.set_defaults(func=cmd_predict)
 
 

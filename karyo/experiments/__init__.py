@@ -32,11 +32,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'chromosomes': ['train_chromosome_classifier'],
         'detection': [
             'is_detector_run', 'abnormal_variants', 'train_detector', 'evaluate_detector_run',
-            'predict_detector_paths',
+            'predict_detector_paths', 'write_explanations',
         ],
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
-            'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
+            'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter', 'plot_explanation',
         ],
         'fit': [
             'distribution_strategy', 'strategy_scope', 'strategy_summary', 'FitConfig', 'two_phase_fit',

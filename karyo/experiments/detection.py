@@ -29,22 +29,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from karyo.atomic import atomic_write_text
-from karyo.data.imageio import decode_image
+from karyo.atomic import atomic_write_text, write_csv
+from karyo.data.imageio import decode_image, DEFAULT_SIZE
 from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, write_manifest
 from karyo.data.splits import split_rows
 from karyo.errors import KaryoError, ImageError
+from karyo.experiments import figures
 from karyo.karyograms.abnormal_cells import KINDS, make_abnormal, slot_labels
-from karyo.karyograms.layout import arrange_karyogram, WHITE
-from karyo.karyograms.slots import read_slots, slot_counts
-from karyo.models.detector import (calibrate_decision, compact, fit_detector, load_detector, predict_karyograms,
-                                   save_detector)
+from karyo.karyograms.assemble import assemble_folder
+from karyo.karyograms.layout import arrange_karyogram, SLOTS, WHITE
+from karyo.karyograms.slots import as_gray, read_slots, slot_counts
+from karyo.models.detector import (calibrate_decision, compact, fit_detector, karyogram_features, load_detector,
+                                   predict_karyograms, save_detector, SLOT_PROBS_FILE, write_slot_probabilities)
+from karyo.models.explain import MIN_PROB, slot_reasons
 from karyo.uncertainty.metrics import metrics_from_predictions
 
 #: The file whose presence marks a detector run (beside ``detector.keras``).
 DETECTOR_FILE = "detector.json"
 #: Share of the validation part's normal karyograms the decision threshold flags.
 CALIBRATION_FPR = 0.05
+#: ``karyo predict --explain``: the pictures' folder and the reasons' table, beside the predictions.
+EXPLAIN_DIR, EXPLANATIONS_FILE = "explain", "explanations.csv"
+EXPLANATION_COLUMNS = ("path", "pred_label", "mean_prob", "confidence", "refer", "reasons", "picture")
 
 
 def is_detector_run(run_dir):
@@ -171,17 +177,88 @@ def _read_split(run_dir):
         return list(csv.DictReader(fh))
 
 
-def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0):
-    """``karyo predict`` with a detector run: ``(rows, problems)`` as ``karyo.experiments.runs.predict_paths``."""
+def _load_source(source, size):
+    """A karyogram to score: an image file, or a cell folder of crops assembled on the fly (gray uint8)."""
+    if Path(source).is_dir():
+        image, _, _ = assemble_folder(source, size)
+        return as_gray(image, str(source))
+    return as_gray(decode_image(source), str(source))
+
+
+def _unique_stems(sources):
+    """One picture name per source: its stem (a cell folder's name), numbered when two collide."""
+    seen, out = {}, []
+    for source in sources:
+        stem = _file_name(Path(source).name if Path(source).is_dir() else Path(source).stem)
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
+
+
+def _file_name(text):
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text) or "karyogram"
+
+
+def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0, cells=(), explain=None,
+                           size=DEFAULT_SIZE):
+    """``karyo predict`` with a detector run: ``(rows, problems)`` as ``karyo.experiments.runs.predict_paths``.
+
+    Args:
+        run_dir: the detector run folder.
+        files: karyogram image files.
+        passes, threshold, seed: MC Dropout passes, referral threshold, dropout seed.
+        cells: cell folders of chromosome crops (``<cell>/<k>/*.png``), each laid out as a karyogram
+            at ``size`` (:func:`karyo.karyograms.assemble.assemble_folder`) and scored like a file.
+        explain: a folder: write ``explain/<stem>.png`` (:func:`karyo.experiments.figures.plot_explanation`),
+            ``explanations.csv`` (the reasons in words) and ``slot_probabilities.csv`` into it.
+
+    Returns:
+        ``(rows, problems)``: prediction rows for the inputs that could be read (``path`` names the
+        file or the cell folder) and ``(path, reason)`` for those that could not.
+    """
     detector = load_detector(run_dir)
-    good, problems = [], []
-    for path in files:  # one bad file is named and skipped, as for the thesis models
+    good, readings, problems = [], [], []
+    for source in list(files) + list(cells):  # one bad input is named and skipped, as for the thesis models
         try:
-            decode_image(path)
-            good.append(path)
+            gray = _load_source(source, size)
+            readings.append(compact(read_slots(gray, str(source))))
+            good.append(source)
         except ImageError as exc:
-            problems.append((str(path), exc.reason))
+            problems.append((str(source), exc.reason))
+        except KaryoError as exc:
+            problems.append((str(source), str(exc).removeprefix(f"{source}: ")))
     if not good:
         return [], problems
-    rows, _ = predict_karyograms(detector, good, T=passes, threshold=threshold, seed=seed)
+    rows, mean_slots = predict_karyograms(detector, good, T=passes, threshold=threshold, seed=seed,
+                                          readings=readings)
+    if explain is not None:
+        write_explanations(detector, good, readings, rows, mean_slots, explain, size)
     return rows, problems
+
+
+def write_explanations(detector, sources, readings, rows, mean_slots, folder, size=DEFAULT_SIZE):
+    """Write ``explain/<stem>.png``, ``explanations.csv`` and ``slot_probabilities.csv`` into ``folder``.
+
+    ``explanations.csv`` has one row per karyogram: ``path, pred_label, mean_prob, confidence, refer,
+    reasons`` (the reasons of :func:`karyo.models.explain.slot_reasons`, joined by `` | ``) and
+    ``picture`` (the PNG, relative to ``folder``).
+
+    Returns:
+        the path of ``explanations.csv``.
+    """
+    folder = Path(folder)
+    table = []
+    for source, reading, row, probs, stem in zip(sources, readings, rows, mean_slots, _unique_stems(sources)):
+        reasons = slot_reasons(karyogram_features(reading, detector.references), probs, reading)
+        top = int(np.argmax(probs))
+        shown = reasons or [f"no slot reaches P {MIN_PROB} (highest: slot {SLOTS[top]}, P {probs[top]:.2f})"]
+        picture = Path(EXPLAIN_DIR) / f"{stem}.png"
+        decision = "refer to manual review" if row["refer"] else "accept"
+        title = (f"{Path(str(source)).name}: {row['pred_label']} (P {row['mean_prob']:.2f}), "
+                 f"confidence {row['confidence']:.0%}, {decision}")
+        figures.plot_explanation(_load_source(source, size), probs, shown, folder / picture, title=title)
+        table.append({"path": str(source), "pred_label": row["pred_label"], "mean_prob": f"{row['mean_prob']:.6g}",
+                      "confidence": f"{row['confidence']:.6g}", "refer": row["refer"],
+                      "reasons": " | ".join(reasons), "picture": str(picture)})
+    write_slot_probabilities(folder / SLOT_PROBS_FILE, [str(s) for s in sources], mean_slots)
+    return write_csv(folder / EXPLANATIONS_FILE, table, EXPLANATION_COLUMNS)

@@ -16,8 +16,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         'abnormal_cells': ['slot_labels', 'make_abnormal', 'abnormal_karyogram', 'cell_slot_labels', 'split_cells'],
         'assemble': [
-            'slot_of', 'read_cells', 'cell_crops', 'load_crop', 'is_dark_field', 'trim', 'upright', 'prepare_cell',
-            'assemble_cell', 'assemble_cells', 'pad_square', 'chromosome_manifest',
+            'slot_of', 'read_cells', 'cell_crops', 'folder_crops', 'is_cell_folder', 'find_cell_folders',
+            'load_crop', 'is_dark_field', 'trim', 'upright', 'prepare_cell', 'prepare_folder', 'assemble_cell',
+            'assemble_folder', 'assemble_cells', 'pad_square', 'chromosome_manifest',
         ],
         'chromosome_synth': ['default_crop_size', 'synthetic_chromosomes'],
         'karyotype': [

@@ -115,7 +115,7 @@ def _select(rows, cells, path):
 
 
 def cell_crops(cells_dir, cell):
-    """``{slot: [crop path, ...]}`` of one cell, crops in numeric order.
+    """``{slot: [crop path, ...]}`` of one cell of a set, crops in numeric order.
 
     Raises:
         ManifestError: the cell's folder is missing or holds a folder that is not a class 1..24.
@@ -123,17 +123,47 @@ def cell_crops(cells_dir, cell):
     folder = Path(cells_dir) / "cells" / cell
     if not folder.is_dir():
         raise ManifestError(f"{folder}: cell folder not found (listed in cells.csv)")
+    return folder_crops(folder)
+
+
+def folder_crops(folder):
+    """``{slot: [crop path, ...]}`` of a cell folder (``<folder>/<k>/*.png``, k = 1..24), crops in numeric order.
+
+    Raises:
+        ManifestError: the folder holds an entry that is not a class folder 1..24.
+    """
+    folder = Path(folder)
     crops = {slot: [] for slot in CHROMOSOME_LABELS}
     for sub in sorted(folder.iterdir()):
         if sub.name.startswith("."):
             continue
         slot = slot_of(sub.name)
         if slot is None or not sub.is_dir():
-            raise ManifestError(f"{sub}: not a chromosome class folder (expected 1..24)")
+            raise ManifestError(f"{sub}: not a chromosome class folder (a cell folder holds only "
+                                "folders 1..24 of crops, 23 = X, 24 = Y)")
         files = [f for f in sub.iterdir() if f.is_file() and is_image_path(f)
                  and not f.name.startswith(".")]
         crops[slot] = sorted(files, key=lambda f: (len(f.stem), f.stem))
     return crops
+
+
+def is_cell_folder(path):
+    """True if ``path`` looks like one cell's crops: a folder holding at least one class folder 1..24."""
+    path = Path(path)
+    return path.is_dir() and any(sub.is_dir() and slot_of(sub.name) is not None for sub in path.iterdir())
+
+
+def find_cell_folders(path):
+    """The cell folders at or under ``path`` (see :func:`is_cell_folder`), sorted; none inside another."""
+    path = Path(path)
+    if is_cell_folder(path):
+        return [path]
+    if not path.is_dir():
+        return []
+    found = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += find_cell_folders(sub)
+    return found
 
 
 def load_crop(path):
@@ -220,11 +250,22 @@ def prepare_cell(cells_dir, cell, straighten=True):
         ImageError: a crop cannot be read (the message names the file).
         ManifestError: the cell folder is missing, malformed or empty.
     """
-    paths = cell_crops(cells_dir, cell)
+    cell_crops(cells_dir, cell)  # the set's own message when the cell's folder is missing
+    return prepare_folder(Path(cells_dir) / "cells" / cell, straighten)
+
+
+def prepare_folder(folder, straighten=True):
+    """A cell folder's crops (:func:`folder_crops`) trimmed, turned upright, on their background.
+
+    Raises:
+        ImageError: a crop cannot be read (the message names the file).
+        ManifestError: the folder is malformed or holds no crop.
+    """
+    paths = folder_crops(folder)
     crops = {slot: [load_crop(p) for p in files] for slot, files in paths.items()}
     every = [c for cs in crops.values() for c in cs]
     if not every:
-        raise ManifestError(f"{Path(cells_dir) / 'cells' / cell}: the cell has no crops")
+        raise ManifestError(f"{folder}: the cell has no crops (expected <k>/*.png with k = 1..24)")
     background = BLACK if is_dark_field(every) else WHITE
     prepared = {}
     for slot, cs in crops.items():
@@ -236,7 +277,7 @@ def prepare_cell(cells_dir, cell, straighten=True):
 
 
 def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
-    """Lay one cell's crops out as a karyogram.
+    """Lay one cell of a set out as a karyogram.
 
     Returns:
         ``(rgb uint8 image, number of crops, background level)``.
@@ -245,7 +286,21 @@ def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
         ImageError: a crop cannot be read (the message names the file).
         ManifestError: the cell folder is missing or malformed.
     """
-    prepared, background = prepare_cell(cells_dir, cell, straighten)
+    cell_crops(cells_dir, cell)
+    return assemble_folder(Path(cells_dir) / "cells" / cell, size, straighten)
+
+
+def assemble_folder(folder, size=DEFAULT_SIZE, straighten=True):
+    """Lay a cell folder's crops (``<folder>/<k>/*.png``) out as a karyogram, as ``karyo data assemble`` does.
+
+    Returns:
+        ``(rgb uint8 image, number of crops, background level)``.
+
+    Raises:
+        ImageError: a crop cannot be read (the message names the file).
+        ManifestError: the folder is malformed or holds no crop (the message names it).
+    """
+    prepared, background = prepare_folder(folder, straighten)
     laid = arrange_karyogram(prepared, size, background=background)
     return laid.image, sum(len(cs) for cs in prepared.values()), background
 

@@ -1,0 +1,126 @@
+"""The karyotype detector's explanations, crop folders as input, and case-level calls."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from karyo.karyograms.karyotype import counts, get
+from karyo.karyograms.abnormal_cells import slot_labels
+from karyo.karyograms.layout import WHITE, arrange_karyogram
+from karyo.karyograms.slots import read_slots
+from karyo.karyograms.synth import render_karyogram
+from karyo.models.detector import compact, fit_references, karyogram_features
+from karyo.models.explain import slot_reasons
+from tests.common import write_cell_folder
+
+
+def _reading(name, seed, size=160):
+    return compact(read_slots(render_karyogram(get(name), size=size, rng=np.random.default_rng(seed))))
+
+
+@pytest.fixture(scope="module")
+def references():
+    return fit_references([_reading(n, i) for i, n in enumerate(["normal_xx", "normal_xy"] * 4)])
+
+
+def test_slot_reasons_name_the_extra_chromosome_and_its_count(references):
+    reading = _reading("trisomy21_xy", 50)
+    probs = np.full(24, 0.05)
+    probs[20], probs[4] = 0.9, 0.3  # slot 21 most probable; slot 5 below the default 0.5
+    reasons = slot_reasons(karyogram_features(reading, references), probs, reading)
+    assert len(reasons) == 1 and reasons[0].startswith("slot 21: 3 chromosomes (expected 2)")
+    # a normal karyogram's slots carry no count reason, whatever the probabilities say
+    normal = _reading("normal_xy", 51)
+    words = slot_reasons(karyogram_features(normal, references), probs, normal, top=24, top_always=True)
+    assert len(words) == 24 and not any("expected" in w for w in words)
+
+
+def test_slot_reasons_quote_the_homologue_length_ratio(references):
+    cell = read_slots(render_karyogram(get("normal_xx"), size=160, rng=np.random.default_rng(52)))
+    crops = {r.slot: [c.crop for c in r.chromosomes] for r in cell}
+    nine = crops["9"][0]
+    crops["9"][0] = nine[: int(0.6 * nine.shape[0])]  # a terminal deletion of 40 % of one chromosome 9
+    reading = compact(read_slots(arrange_karyogram(crops, 160, background=WHITE).image))
+    probs = np.zeros(24)
+    probs[8] = 0.8
+    (reason,) = slot_reasons(karyogram_features(reading, references), probs, reading)
+    ratio = float(reason.split("homologs differ in length (ratio ")[1].split(")")[0])
+    assert reason.startswith("slot 9: ") and 0.5 < ratio < 0.7
+
+
+@pytest.fixture(scope="module")
+def detector_run(tmp_path_factory):
+    """A tiny fitted detector saved as a run folder (rendered 128 px karyograms, 3 epochs)."""
+    from karyo.models.detector import fit_detector, save_detector
+
+    readings, labels = [], []
+    names = ["normal_xx", "normal_xy"] * 3 + ["trisomy21_xy", "trisomy13_xx", "monosomyX", "klinefelter"]
+    for i, name in enumerate(names):
+        readings.append(_reading(name, i, size=128))
+        labels.append(slot_labels(counts(get(name))))
+    run = tmp_path_factory.mktemp("detector_run")
+    save_detector(fit_detector(readings, labels, epochs=3, batch_size=64, seed=0), run)
+    (run / "config.json").write_text(json.dumps({"kind": "detector", "experiment": {"image_size": 128},
+                                                 "data": {"split_root": str(run)}}))
+    return run
+
+
+def test_predict_explain_draws_each_karyogram_and_writes_its_reasons(detector_run, tmp_path, capsys):
+    from karyo.cli import main
+
+    image = tmp_path / "in" / "tri21.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), render_karyogram(get("trisomy21_xx"), size=128, rng=np.random.default_rng(9)))
+    out = tmp_path / "out" / "predictions.csv"
+    assert main(["predict", "--model", str(detector_run), str(image), "--mc", "10", "--out", str(out),
+                 "--explain"]) == 0
+    picture = cv2.imread(str(tmp_path / "out" / "explain" / "tri21.png"))
+    assert picture is not None and picture.shape[0] > 400 and picture.std() > 10
+    (row,) = csv.DictReader(open(tmp_path / "out" / "explanations.csv"))
+    assert row["path"] == str(image) and row["picture"] == "explain/tri21.png"
+    assert row["pred_label"] in ("normal", "abnormal") and 0 <= float(row["mean_prob"]) <= 1
+    # the reasons are those of slot_reasons: whatever the tiny head ranks, each names a slot
+    assert all(r.startswith("slot ") for r in row["reasons"].split(" | ") if r)
+    assert (tmp_path / "out" / "slot_probabilities.csv").is_file()
+    assert not list((tmp_path / "out").rglob(".partial-*"))
+
+
+def test_predict_explain_with_a_thesis_cnn_run_says_why_in_one_line(tmp_path, capsys):
+    from karyo.cli import main
+
+    run = tmp_path / "cnn"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"experiment": {"image_size": 32}, "data": {"split_root": "."}}))
+    image = tmp_path / "k.png"
+    cv2.imwrite(str(image), np.full((64, 64), 255, np.uint8))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), str(image), "--explain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--explain" in err and "detector" in err
+    assert not (tmp_path / "explain").exists()
+
+
+def test_predict_scores_cell_folders_of_crops_and_names_bad_ones(detector_run, tmp_path, capsys):
+    from karyo.cli import main
+
+    cells = tmp_path / "cells"
+    write_cell_folder(cells / "c1")
+    write_cell_folder(cells / "c2", {"21": 3})
+    (cells / "empty" / "5").mkdir(parents=True)  # a cell folder without a crop
+    write_cell_folder(cells / "odd")
+    (cells / "odd" / "notes").mkdir()  # a folder that is no chromosome class
+    out = tmp_path / "p.csv"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(detector_run), str(cells), "--mc", "10", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert "empty" in err[0] and "no crops" in err[0]
+    assert "odd" in err[1] and "notes" in err[1] and "not a chromosome class folder" in err[1]
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(out))}
+    assert set(rows) == {"c1", "c2"}
+    assert rows["c1"]["count_deviations"] == "" and rows["c2"]["count_deviations"] == "21:3"
+    # one cell folder given directly is scored the same way
+    assert main(["predict", "--model", str(detector_run), str(cells / "c2"), "--mc", "10"]) == 0
