@@ -365,6 +365,14 @@ def cmd_evaluate(args):
 
     evaluate_run(args.run, passes=args.mc, threshold=args.threshold, seed=args.seed)
     _print_metrics(args.run)
+    if args.by_group:
+        from karyo.experiments.cases import CASE_METRICS_FILE, evaluate_by_group
+
+        cases = evaluate_by_group(args.run, min_repeats=args.min_repeats, structural_cells=args.structural_cells)
+        keys = ("accuracy", "recall", "false_positive_rate", "auc", "referral_rate")
+        shown = "  ".join(f"{k} {cases[k]:.3f}" for k in keys if cases.get(k) is not None)
+        print(f"{args.run} by case ({cases['n_cases']} cases, {cases['abnormal_cases']} abnormal): {shown}")
+        print(f"wrote {Path(args.run) / CASE_METRICS_FILE}")
     return 0
 
 
@@ -446,6 +454,16 @@ def add_model_commands(sub):
     p.add_argument("--mc", type=_positive_int, default=100, help="MC Dropout passes (100)")
     p.add_argument("--threshold", type=_fraction, default=0.8, help="referral threshold (0.8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
+    p.add_argument("--by-group", action="store_true",
+                   help="also combine the cells of each case (the manifest's group) into one call: abnormal "
+                   "when a count change repeats in --min-repeats accepted abnormal cells (every cell of a "
+                   "smaller case) or a structural change (abnormal call without a count change) is seen in "
+                   "--structural-cells cells; writes predictions_by_group.csv and metrics_by_group.json "
+                   "beside the per-cell files")
+    p.add_argument("--min-repeats", type=_positive_int, default=2,
+                   help="cells that must share a count change for --by-group (2)")
+    p.add_argument("--structural-cells", type=_positive_int, default=1,
+                   help="cells that must show a structural change for --by-group (1)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

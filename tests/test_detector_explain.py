@@ -124,3 +124,61 @@ def test_predict_scores_cell_folders_of_crops_and_names_bad_ones(detector_run, t
     assert rows["c1"]["count_deviations"] == "" and rows["c2"]["count_deviations"] == "21:3"
     # one cell folder given directly is scored the same way
     assert main(["predict", "--model", str(detector_run), str(cells / "c2"), "--mc", "10"]) == 0
+
+
+def _cell(group, pred, deviations="", refer=False, prob=None, label=None):
+    prob = (0.9 if pred == "abnormal" else 0.1) if prob is None else prob
+    return {"group": group, "label": label or ("abnormal" if deviations or pred == "abnormal" else "normal"),
+            "pred_label": pred, "mean_prob": prob, "confidence": 0.95, "refer": refer,
+            "count_deviations": deviations}
+
+
+CASES = [
+    _cell("trisomy", "abnormal", "21:3"), _cell("trisomy", "abnormal", "21:3"),
+    _cell("one_loss", "abnormal", "20:1", label="normal"), _cell("one_loss", "normal"),
+    _cell("single", "abnormal", "X:1"),
+    _cell("structural", "abnormal"), _cell("structural", "normal", label="abnormal"),
+    _cell("referred", "abnormal", "21:3", refer=True, prob=0.6, label="normal"), _cell("referred", "normal"),
+    _cell("differ", "abnormal", "21:3", label="normal"), _cell("differ", "abnormal", "18:3", label="normal"),
+    _cell("differ", "normal"),
+]
+
+
+def test_case_calls_need_a_repeat_or_a_structural_change():
+    from karyo.experiments.cases import case_calls, case_metrics
+
+    calls = {c["group"]: c for c in case_calls(CASES)}
+    called = {g for g, c in calls.items() if c["pred_label"] == "abnormal"}
+    # a count change in two cells, a single-cell case, a structural change: abnormal; one lost
+    # chromosome, a referred cell, or two different changes: not
+    assert called == {"trisomy", "single", "structural"}
+    assert calls["trisomy"]["findings"] == "21:3x2" and calls["structural"]["findings"] == "structuralx1"
+    assert calls["referred"]["refer"] and not calls["one_loss"]["refer"]
+    assert calls["differ"]["score"] == pytest.approx(0.9) and calls["one_loss"]["score"] == pytest.approx(0.1)
+    stricter = {c["group"] for c in case_calls(CASES, structural_cells=2, min_repeats=3)
+                if c["pred_label"] == "abnormal"}
+    assert stricter == {"trisomy", "single"}  # a 2-cell case needs both cells even with min_repeats=3
+    metrics = case_metrics(case_calls(CASES))
+    assert metrics["n_cases"] == 6 and metrics["abnormal_cases"] == 3
+    assert metrics["recall"] == 1.0 and metrics["false_positive_rate"] == 0.0
+    assert metrics["referral_rate"] == pytest.approx(1 / 6)
+
+
+def test_evaluate_by_group_reads_cases_from_the_split_and_writes_beside_the_metrics(tmp_path):
+    from karyo.atomic import write_csv
+    from karyo.errors import KaryoError
+    from karyo.experiments.cases import evaluate_by_group
+    from karyo.uncertainty.confidence import write_predictions
+
+    rows = [dict(r, path=f"images/{i}.png", std_prob=0.0, entropy=0.0, mutual_info=0.0, votes=10)
+            for i, r in enumerate(CASES)]
+    write_predictions(tmp_path / "predictions.csv", [{k: v for k, v in r.items() if k != "group"} for r in rows])
+    write_csv(tmp_path / "split.csv", rows, ["path", "label", "group"])
+    metrics = evaluate_by_group(tmp_path)
+    saved = json.loads((tmp_path / "metrics_by_group.json").read_text())
+    assert saved["recall"] == metrics["recall"] == 1.0 and saved["min_repeats"] == 2
+    cases = list(csv.DictReader(open(tmp_path / "predictions_by_group.csv")))
+    assert [c["group"] for c in cases] == ["trisomy", "one_loss", "single", "structural", "referred", "differ"]
+    write_csv(tmp_path / "split.csv", rows[1:], ["path", "label", "group"])  # a cell without its case
+    with pytest.raises(KaryoError, match="images/0.png"):
+        evaluate_by_group(tmp_path)

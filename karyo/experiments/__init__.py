@@ -13,6 +13,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submodules=[
+        'cases',
         'chromosomes',
         'detection',
         'figures',
@@ -29,6 +30,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'tuning',
     ],
     submod_attrs={
+        'cases': ['cell_findings', 'case_calls', 'case_metrics', 'evaluate_by_group'],
         'chromosomes': ['train_chromosome_classifier'],
         'detection': [
             'is_detector_run', 'abnormal_variants', 'train_detector', 'evaluate_detector_run',

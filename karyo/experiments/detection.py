@@ -42,6 +42,7 @@ from karyo.karyograms.slots import as_gray, read_slots, slot_counts
 from karyo.models.detector import (calibrate_decision, compact, fit_detector, karyogram_features, load_detector,
                                    predict_karyograms, save_detector, SLOT_PROBS_FILE, write_slot_probabilities)
 from karyo.models.explain import MIN_PROB, slot_reasons
+from karyo.uncertainty.confidence import write_predictions
 from karyo.uncertainty.metrics import metrics_from_predictions
 
 #: The file whose presence marks a detector run (beside ``detector.keras``).
@@ -161,10 +162,14 @@ def evaluate_detector_run(run_dir, passes=100, threshold=0.8, seed=0):
     test = [r for r in _read_split(run_dir) if r["split"] == "test"]
     detector = load_detector(run_dir)
     paths = [root / r["path"] for r in test]
-    rows, _ = predict_karyograms(detector, paths, labels=[r["label"] for r in test],
-                                 out=run_dir / "predictions.csv", T=passes, threshold=threshold, seed=seed)
+    rows, mean_slots = predict_karyograms(detector, paths, labels=[r["label"] for r in test], T=passes,
+                                          threshold=threshold, seed=seed)
     for row, source in zip(rows, test):
+        # the manifest's relative path and the case, as the thesis runs' predictions.csv has them
         row["path"] = source["path"]
+        row.update({c: source[c] for c in ("group", "karyotype") if c in source})
+    write_predictions(run_dir / "predictions.csv", rows)
+    write_slot_probabilities(run_dir / SLOT_PROBS_FILE, [r["path"] for r in test], mean_slots)
     metrics = metrics_from_predictions(rows)
     metrics.update({"mc_passes": int(passes), "threshold": float(threshold), "decision": detector.decision,
                     "n_test": len(test)})
