@@ -182,3 +182,31 @@ def test_evaluate_by_group_reads_cases_from_the_split_and_writes_beside_the_metr
     write_csv(tmp_path / "split.csv", rows[1:], ["path", "label", "group"])  # a cell without its case
     with pytest.raises(KaryoError, match="images/0.png"):
         evaluate_by_group(tmp_path)
+
+
+def test_report_shows_a_gallery_of_confident_calls_and_referred_cells(tmp_path):
+    from karyo.experiments.report import gallery_rows, write_report
+    from karyo.uncertainty.confidence import write_predictions
+
+    images = tmp_path / "data"
+    images.mkdir()
+    rows = []
+    for i, (pred, prob, conf, refer) in enumerate([("abnormal", 0.99, 1.0, False), ("abnormal", 0.7, 0.9, False),
+                                                   ("normal", 0.02, 1.0, False), ("normal", 0.3, 0.95, False),
+                                                   ("abnormal", 0.55, 0.6, True), ("normal", 0.45, 0.7, True)]):
+        name = f"k{i}.png"
+        cv2.imwrite(str(images / name), render_karyogram(get("normal_xx"), size=96, rng=np.random.default_rng(i)))
+        rows.append({"path": name, "label": "normal", "pred_label": pred, "confidence": conf, "mean_prob": prob,
+                     "std_prob": 0.0, "entropy": 0.0, "mutual_info": 0.0, "refer": refer, "votes": 10})
+    picks = gallery_rows(rows, n=3)
+    assert [r["path"] for r in picks["confident calls"]] == ["k0.png", "k2.png", "k3.png"]
+    assert [r["path"] for r in picks["referred cells"]] == ["k4.png", "k5.png"]
+    run = tmp_path / "out" / "runs" / "grouped" / "karyotype_detector"
+    run.mkdir(parents=True)
+    write_predictions(run / "predictions.csv", rows)
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5}))
+    (run / "config.json").write_text(json.dumps({"kind": "detector", "data": {"root": str(images)}}))
+    report = write_report(tmp_path / "out").read_text()
+    figure = tmp_path / "out" / "figures" / "gallery_karyotype_detector_grouped.png"
+    assert "Karyotype detector gallery" in report and figure.name in report
+    assert cv2.imread(str(figure)).std() > 10

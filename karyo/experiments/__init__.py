@@ -39,6 +39,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
             'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter', 'plot_explanation',
+            'plot_gallery',
         ],
         'fit': [
             'distribution_strategy', 'strategy_scope', 'strategy_summary', 'FitConfig', 'two_phase_fit',
@@ -55,7 +56,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'starting_weights', 'pretraining_quality',
         ],
         'registry': ['Experiment', 'list_experiments', 'get_experiment'],
-        'report': ['collect_runs', 'write_report'],
+        'report': ['collect_runs', 'write_report', 'gallery_rows'],
         'reproduce': ['Preset', 'get_preset', 'run_dir', 'reproduce'],
         'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
         'training': [

@@ -419,3 +419,39 @@ def plot_explanation(image, slot_probs, reasons, out, title=None, cmap="RdYlBu_r
     if title:
         ax.set_title(title, fontsize="medium")
     return _save(fig, out)
+
+
+def plot_gallery(rows, out, title=None, thumb=1.9):
+    """Rows of captioned karyogram thumbnails, e.g. a detector's confident calls and its referred cells.
+
+    Args:
+        rows: ``{row title: [(image, caption), ...]}`` (images gray or RGB ``uint8``); an empty row
+            says "none".
+        out: the PNG to write.
+        title: the figure's title.
+        thumb: inches per thumbnail.
+    """
+    rows = {k: list(v) for k, v in rows.items()}
+    width = max([len(v) for v in rows.values()] + [1])
+    fig, axes = _figure(figsize=(thumb * width + 0.4, (thumb + 1.0) * max(len(rows), 1)), nrows=max(len(rows), 1),
+                        ncols=width, squeeze=False)
+    for r, (name, items) in enumerate(rows.items()):
+        for c in range(width):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(items):
+                image, caption = items[c]
+                image = np.asarray(image)
+                ax.imshow(image if image.ndim == 3 else image, cmap=None if image.ndim == 3 else "gray",
+                          vmin=0, vmax=255)
+                ax.set_xlabel(caption, fontsize="x-small")
+            else:
+                ax.axis("off")
+                if not items and c == 0:
+                    ax.text(0.0, 0.5, "none", transform=ax.transAxes, fontsize="small")
+            if c == 0:
+                ax.set_title(name, fontsize="small", loc="left")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return _save(fig, out)
