@@ -254,7 +254,12 @@ def write_explanations(detector, sources, readings, rows, mean_slots, folder, si
     folder = Path(folder)
     table = []
     for source, reading, row, probs, stem in zip(sources, readings, rows, mean_slots, _unique_stems(sources)):
-        reasons = slot_reasons(karyogram_features(reading, detector.references), probs, reading)
+        features = karyogram_features(reading, detector.references)
+        reasons = slot_reasons(features, probs, reading)
+        if not reasons and (row["pred_label"] == "abnormal" or row["refer"]):
+            # the passes' max over slots can flag a karyogram whose mean slot probabilities all stay
+            # below MIN_PROB: name its most probable slot all the same
+            reasons = slot_reasons(features, probs, reading, top=1, top_always=True)
         top = int(np.argmax(probs))
         shown = reasons or [f"no slot reaches P {MIN_PROB} (highest: slot {SLOTS[top]}, P {probs[top]:.2f})"]
         picture = Path(EXPLAIN_DIR) / f"{stem}.png"
