@@ -263,12 +263,82 @@ def prepare_folder(folder, straighten=True):
     """
     paths = folder_crops(folder)
     crops = {slot: [load_crop(p) for p in files] for slot, files in paths.items()}
-    every = [c for cs in crops.values() for c in cs]
-    if not every:
+    if not any(crops.values()):
         raise ManifestError(f"{folder}: the cell has no crops (expected <k>/*.png with k = 1..24)")
+    return prepare_crops(crops, straighten)
+
+
+def main_object(crop, background):
+    """The crop with only its chromosome: pieces of neighbours that entered the box are erased.
+
+    Raw bounding boxes cut from a metaphase hold pieces of neighbouring chromosomes at their edges.
+    The chromosome is the connected component (of the pixels :data:`FOREGROUND_DELTA` from the
+    background, lightly closed) with the largest area weighted by how near its centroid lies to the
+    box's centre; other components are kept only when they lie mostly within its bounding box (a
+    pale band splitting one chromosome in two).
+    """
+    import cv2
+
+    mask = (np.abs(crop.astype(np.int16) - int(background)) > FOREGROUND_DELTA).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 2:
+        return crop
+    h, w = crop.shape
+    centre = np.array([w / 2, h / 2])
+    reach = np.hypot(w, h) / 2
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    near = 1.0 - np.linalg.norm(centroids[1:] - centre, axis=1) / reach
+    main = 1 + int(np.argmax(areas * np.clip(near, 0.05, None) ** 2))
+    x, y, bw, bh = stats[main, :4]
+    keep = labels == main
+    for k in range(1, n):
+        if k == main:
+            continue
+        inside = labels[y:y + bh, x:x + bw] == k
+        if inside.sum() >= 0.6 * stats[k, cv2.CC_STAT_AREA]:
+            keep |= labels == k
+    keep = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return np.where(keep, crop, np.uint8(background)).astype(np.uint8)
+
+
+def normalise_contrast(crop, background, level=None):
+    """Stretch a pale chromosome's darkness so that its 95th percentile reaches ``level``.
+
+    ``level`` defaults to 200 grey levels from the background. Crops already at least as dark are
+    left as they are (only pale ones are stretched).
+    """
+    level = 200.0 if level is None else float(level)
+    dark = np.abs(crop.astype(np.float32) - float(background))
+    fg = dark > FOREGROUND_DELTA
+    if fg.sum() < 4:
+        return crop
+    top = float(np.percentile(dark[fg], 95))
+    if top >= level:
+        return crop
+    dark = np.clip(dark * (level / max(top, 1.0)), 0, 255)
+    out = background - dark if background >= 128 else background + dark
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def prepare_crops(crops, straighten=True, clean=False):
+    """``{slot: [gray crop, ...]}`` trimmed and turned upright on their background (dark field detected).
+
+    Args:
+        crops: the cell's crops.
+        straighten: turn slanted chromosomes upright (:func:`upright`).
+        clean: for raw bounding boxes from another laboratory: erase neighbours' pieces
+            (:func:`main_object`) and stretch pale chromosomes (:func:`normalise_contrast`) first.
+
+    Returns:
+        ``({slot: [gray uint8 crop, ...]}, background level)``.
+    """
+    every = [c for cs in crops.values() for c in cs]
     background = BLACK if is_dark_field(every) else WHITE
     prepared = {}
     for slot, cs in crops.items():
+        if clean:
+            cs = [normalise_contrast(main_object(c, background), background) for c in cs]
         cs = [trim(c, background) for c in cs]
         if straighten:
             cs = [upright(c, background) for c in cs]
