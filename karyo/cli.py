@@ -198,7 +198,7 @@ def cmd_data_assemble(args):
     from karyo.karyograms.assemble import assemble_cells
 
     out = assemble_cells(args.cells, args.out, size=args.size,
-                         include_uncertain=args.include_uncertain, progress=True)
+                         include_uncertain=args.include_uncertain, progress=True, clean=args.clean_crops)
     print(f"wrote {out}")
     return 0
 
@@ -253,6 +253,9 @@ def add_data_generators(dsub):
     p.add_argument("--size", type=_positive_int, default=416, help="image side in pixels (416)")
     p.add_argument("--include-uncertain", action="store_true",
                    help="keep cells labelled 'uncertain' (irregular chromosome counts)")
+    p.add_argument("--clean-crops", action="store_true",
+                   help="the crops are raw bounding boxes cut from the metaphase (another laboratory's export): "
+                   "erase pieces of neighbouring chromosomes and stretch pale chromosomes before the layout")
     p.set_defaults(func=cmd_data_assemble)
 
     p = dsub.add_parser(
@@ -384,7 +387,7 @@ def cmd_predict(args):
     if args.explain:
         explain = args.out.parent if args.out else Path(".")
     rows, problems = predict_paths(args.model, args.paths, passes=args.mc, threshold=args.threshold,
-                                   seed=args.seed, explain=explain)
+                                   seed=args.seed, explain=explain, clean_crops=args.clean_crops)
     for path, reason in problems:
         print(f"karyo: skipped {path}: {reason}", file=sys.stderr)
     if rows:
@@ -486,6 +489,9 @@ def add_model_commands(sub):
                    "explain/<name>.png, each karyogram with its slots coloured by P(slot abnormal) and the "
                    "top reasons in words ('slot 21: 3 chromosomes (expected 2)'), explanations.csv (the "
                    "reasons as text) and slot_probabilities.csv")
+    p.add_argument("--clean-crops", action="store_true",
+                   help="cell folders hold raw bounding boxes cut from the metaphase (another laboratory's export): "
+                   "erase pieces of neighbouring chromosomes and stretch pale chromosomes before the layout")
     p.set_defaults(func=cmd_predict)
 
 

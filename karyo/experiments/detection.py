@@ -9,7 +9,9 @@ the measurements of :mod:`karyo.karyograms.slots`. This module runs it like any 
    slot with three chromosomes) plus, for every normal training karyogram, one abnormal karyogram
    of each kind of :data:`karyo.karyograms.abnormal_cells.KINDS` (an extra or missing copy,
    deletions, duplication, inversion, translocation, Robertsonian fusion), built from the
-   chromosomes the reader cut out of it and read back;
+   chromosomes the reader cut out of it and read back; ``karyotype_detector_degraded``
+   (``augmented``) adds the same cell with its crops degraded as other laboratories cut them
+   (:func:`degraded_variants`), and the abnormal karyograms built from that;
 3. the detector is fitted, and its decision threshold set so that 5 % of the validation part's
    normal karyograms are flagged (the test part is never used to tune);
 4. the test part is scored with 100 MC Dropout passes: ``predictions.csv`` keeps the thesis
@@ -36,7 +38,8 @@ from karyo.data.splits import split_rows
 from karyo.errors import KaryoError, ImageError
 from karyo.experiments import figures
 from karyo.karyograms.abnormal_cells import KINDS, make_abnormal, slot_labels
-from karyo.karyograms.assemble import assemble_folder
+from karyo.karyograms.assemble import assemble_folder, prepare_crops
+from karyo.karyograms.degrade import degrade_cell
 from karyo.karyograms.layout import arrange_karyogram, SLOTS, WHITE
 from karyo.karyograms.slots import as_gray, read_slots, slot_counts
 from karyo.models.detector import (calibrate_decision, compact, fit_detector, karyogram_features, load_detector,
@@ -49,6 +52,8 @@ from karyo.uncertainty.metrics import metrics_from_predictions
 DETECTOR_FILE = "detector.json"
 #: Share of the validation part's normal karyograms the decision threshold flags.
 CALIBRATION_FPR = 0.05
+#: Strength of the crop degradation (:mod:`karyo.karyograms.degrade`) an ``augmented`` detector trains on.
+DEGRADE_STRENGTH = 1.0
 #: ``karyo predict --explain``: the pictures' folder and the reasons' table, beside the predictions.
 EXPLAIN_DIR, EXPLANATIONS_FILE = "explain", "explanations.csv"
 EXPLANATION_COLUMNS = ("path", "pred_label", "mean_prob", "confidence", "refer", "reasons", "picture")
@@ -78,6 +83,26 @@ def abnormal_variants(reading, size, rng, kinds=KINDS):
         image = arrange_karyogram(changed, size, background=WHITE).image
         out.append((compact(read_slots(image)), labels))
     return out
+
+
+def degraded_variants(reading, size, rng, strength=DEGRADE_STRENGTH, kinds=KINDS):
+    """A normal karyogram's chromosomes degraded as another laboratory's crops, cleaned and laid out again.
+
+    The crops the reader cut out are degraded (:func:`karyo.karyograms.degrade.degrade_cell`), cleaned
+    as ``prepare_crops(clean=True)`` does for raw bounding boxes, laid out at ``size`` and read back:
+    the degraded normal karyogram, and one abnormal karyogram of each kind built from it (as
+    :func:`abnormal_variants` does). A degraded cell whose read counts differ from the clean one's
+    (a fragment read as a chromosome) is left out: its slot labels would contradict what is seen.
+
+    Returns:
+        list of ``(compact reading, {slot: 0/1})``.
+    """
+    crops = {r.slot: [c.crop for c in r.chromosomes] for r in reading}
+    prepared, background = prepare_crops(degrade_cell(crops, rng, WHITE, strength), clean=True)
+    read = read_slots(arrange_karyogram(prepared, size, background=background).image)
+    if slot_counts(read) != slot_counts(reading):
+        return []
+    return [(compact(read), {s: 0 for s in SLOTS})] + abnormal_variants(read, size, rng, kinds)
 
 
 def _read_all(manifest, rows, progress):
@@ -121,7 +146,10 @@ def train_detector(experiment, data, out, seed=0, root=None, progress=True):
         train_y.append(slot_labels(slot_counts(reading)))
         train_n.append(row["label"] == "normal")
         if row["label"] == "normal":
-            for variant, labels in abnormal_variants(reading, side, rng):
+            variants = abnormal_variants(reading, side, rng)
+            if experiment.augmented:  # other laboratories' crops: degraded copies, cleaned on assembly
+                variants += degraded_variants(reading, side, rng)
+            for variant, labels in variants:
                 train_r.append(variant)
                 train_y.append(labels)
                 train_n.append(False)
@@ -141,6 +169,7 @@ def train_detector(experiment, data, out, seed=0, root=None, progress=True):
                  "counts": {p: {lab: sum(r["split"] == p and r["label"] == lab for r in rows)
                                 for lab in KARYOGRAM_LABELS} for p in ("train", "val", "test")}},
         "seed": seed, "training_karyograms": len(train_r), "abnormal_kinds_built": list(KINDS),
+        "degraded_copies": DEGRADE_STRENGTH if experiment.augmented else None,
         "decision": detector.decision, "combine": detector.combine,
         "calibration": f"{CALIBRATION_FPR:.0%} of the validation part's normal karyograms flagged",
         "train_seconds": round(time.time() - started, 1),
@@ -182,10 +211,10 @@ def _read_split(run_dir):
         return list(csv.DictReader(fh))
 
 
-def _load_source(source, size):
+def _load_source(source, size, clean=False):
     """A karyogram to score: an image file, or a cell folder of crops assembled on the fly (gray uint8)."""
     if Path(source).is_dir():
-        image, _, _ = assemble_folder(source, size)
+        image, _, _ = assemble_folder(source, size, clean=clean)
         return as_gray(image, str(source))
     return as_gray(decode_image(source), str(source))
 
@@ -205,7 +234,7 @@ def _file_name(text):
 
 
 def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0, cells=(), explain=None,
-                           size=DEFAULT_SIZE):
+                           size=DEFAULT_SIZE, clean_crops=False):
     """``karyo predict`` with a detector run: ``(rows, problems)`` as ``karyo.experiments.runs.predict_paths``.
 
     Args:
@@ -216,6 +245,9 @@ def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0, ce
             at ``size`` (:func:`karyo.karyograms.assemble.assemble_folder`) and scored like a file.
         explain: a folder: write ``explain/<stem>.png`` (:func:`karyo.experiments.figures.plot_explanation`),
             ``explanations.csv`` (the reasons in words) and ``slot_probabilities.csv`` into it.
+        clean_crops: the cell folders hold raw bounding boxes (another laboratory's export): erase
+            neighbours' pieces and stretch pale chromosomes before the layout
+            (``karyo.karyograms.assemble.prepare_crops(clean=True)``).
 
     Returns:
         ``(rows, problems)``: prediction rows for the inputs that could be read (``path`` names the
@@ -225,7 +257,7 @@ def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0, ce
     good, readings, problems = [], [], []
     for source in list(files) + list(cells):  # one bad input is named and skipped, as for the thesis models
         try:
-            gray = _load_source(source, size)
+            gray = _load_source(source, size, clean_crops)
             readings.append(compact(read_slots(gray, str(source))))
             good.append(source)
         except ImageError as exc:
@@ -237,11 +269,11 @@ def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0, ce
     rows, mean_slots = predict_karyograms(detector, good, T=passes, threshold=threshold, seed=seed,
                                           readings=readings)
     if explain is not None:
-        write_explanations(detector, good, readings, rows, mean_slots, explain, size)
+        write_explanations(detector, good, readings, rows, mean_slots, explain, size, clean_crops)
     return rows, problems
 
 
-def write_explanations(detector, sources, readings, rows, mean_slots, folder, size=DEFAULT_SIZE):
+def write_explanations(detector, sources, readings, rows, mean_slots, folder, size=DEFAULT_SIZE, clean_crops=False):
     """Write ``explain/<stem>.png``, ``explanations.csv`` and ``slot_probabilities.csv`` into ``folder``.
 
     ``explanations.csv`` has one row per karyogram: ``path, pred_label, mean_prob, confidence, refer,
@@ -266,7 +298,7 @@ def write_explanations(detector, sources, readings, rows, mean_slots, folder, si
         decision = "refer to manual review" if row["refer"] else "accept"
         title = (f"{Path(str(source)).name}: {row['pred_label']} (P {row['mean_prob']:.2f}), "
                  f"confidence {row['confidence']:.0%}, {decision}")
-        figures.plot_explanation(_load_source(source, size), probs, shown, folder / picture, title=title)
+        figures.plot_explanation(_load_source(source, size, clean_crops), probs, shown, folder / picture, title=title)
         table.append({"path": str(source), "pred_label": row["pred_label"], "mean_prob": f"{row['mean_prob']:.6g}",
                       "confidence": f"{row['confidence']:.6g}", "refer": row["refer"],
                       "reasons": " | ".join(reasons), "picture": str(picture)})

@@ -194,7 +194,7 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
     return metrics
 
 
-def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0, explain=None):
+def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0, explain=None, clean_crops=False):
     """Score new karyograms (files or folders) with a trained run.
 
     A folder is searched for images; a cell folder of chromosome crops (``<cell>/<k>/*.png``,
@@ -204,6 +204,7 @@ def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0, explain=Non
     Args:
         explain: a folder for the detector's explanations (``explain/<stem>.png``,
             ``explanations.csv``); a thesis CNN run has no slot evidence to explain (KaryoError).
+        clean_crops: cell folders hold raw bounding boxes: erase neighbours' pieces, stretch pale chromosomes.
 
     Returns:
         ``(rows, problems)``: prediction rows (SPEC columns, ``label`` empty) for the files that
@@ -238,7 +239,7 @@ def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0, explain=Non
             problems.append((str(path), "file not found"))
     if detector:
         rows, bad = predict_detector_paths(run_dir, files, passes=passes, threshold=threshold, seed=seed,
-                                           cells=cells, explain=explain)
+                                           cells=cells, explain=explain, clean_crops=clean_crops)
         return rows, problems + bad
     # Streamed: STREAM_CHUNK images in memory at a time, whatever the number of files.
     chunks = stream_paths(files, config["experiment"]["image_size"], problems)

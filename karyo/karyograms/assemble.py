@@ -240,7 +240,7 @@ def upright(crop, background):
     return trim(turned, background)
 
 
-def prepare_cell(cells_dir, cell, straighten=True):
+def prepare_cell(cells_dir, cell, straighten=True, clean=False):
     """One cell's crops as the layout takes them: trimmed, turned upright, on their background.
 
     Returns:
@@ -251,10 +251,10 @@ def prepare_cell(cells_dir, cell, straighten=True):
         ManifestError: the cell folder is missing, malformed or empty.
     """
     cell_crops(cells_dir, cell)  # the set's own message when the cell's folder is missing
-    return prepare_folder(Path(cells_dir) / "cells" / cell, straighten)
+    return prepare_folder(Path(cells_dir) / "cells" / cell, straighten, clean)
 
 
-def prepare_folder(folder, straighten=True):
+def prepare_folder(folder, straighten=True, clean=False):
     """A cell folder's crops (:func:`folder_crops`) trimmed, turned upright, on their background.
 
     Raises:
@@ -265,7 +265,7 @@ def prepare_folder(folder, straighten=True):
     crops = {slot: [load_crop(p) for p in files] for slot, files in paths.items()}
     if not any(crops.values()):
         raise ManifestError(f"{folder}: the cell has no crops (expected <k>/*.png with k = 1..24)")
-    return prepare_crops(crops, straighten)
+    return prepare_crops(crops, straighten, clean)
 
 
 def main_object(crop, background):
@@ -346,7 +346,7 @@ def prepare_crops(crops, straighten=True, clean=False):
     return prepared, background
 
 
-def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
+def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True, clean=False):
     """Lay one cell of a set out as a karyogram.
 
     Returns:
@@ -357,10 +357,10 @@ def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True):
         ManifestError: the cell folder is missing or malformed.
     """
     cell_crops(cells_dir, cell)
-    return assemble_folder(Path(cells_dir) / "cells" / cell, size, straighten)
+    return assemble_folder(Path(cells_dir) / "cells" / cell, size, straighten, clean)
 
 
-def assemble_folder(folder, size=DEFAULT_SIZE, straighten=True):
+def assemble_folder(folder, size=DEFAULT_SIZE, straighten=True, clean=False):
     """Lay a cell folder's crops (``<folder>/<k>/*.png``) out as a karyogram, as ``karyo data assemble`` does.
 
     Returns:
@@ -370,7 +370,7 @@ def assemble_folder(folder, size=DEFAULT_SIZE, straighten=True):
         ImageError: a crop cannot be read (the message names the file).
         ManifestError: the folder is malformed or holds no crop (the message names it).
     """
-    prepared, background = prepare_folder(folder, straighten)
+    prepared, background = prepare_folder(folder, straighten, clean)
     laid = arrange_karyogram(prepared, size, background=background)
     return laid.image, sum(len(cs) for cs in prepared.values()), background
 
@@ -388,7 +388,7 @@ def _cells_iterator(rows, progress, desc):
 
 
 def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=False, cells=None,
-                   progress=True, straighten=True):
+                   progress=True, straighten=True, clean=False):
     """Assemble every cell of a set into a karyogram: ``out_dir/manifest.csv`` + ``images/``.
 
     Args:
@@ -400,6 +400,8 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
         cells: optional cell ids, or the number of (selected) cells to take from the top.
         progress: show a progress bar.
         straighten: turn slanted crops upright (see :func:`upright`).
+        clean: erase neighbours' pieces and stretch pale chromosomes (raw bounding boxes from
+            another laboratory; see :func:`prepare_crops`).
 
     Returns:
         path of the manifest (columns ``path,label,group,karyotype,cell,n_chromosomes,sha256``;
@@ -421,7 +423,7 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for row in _cells_iterator(rows, progress, "assemble karyograms"):
-            image, n, _ = assemble_cell(cells_dir, row["cell"], size, straighten)
+            image, n, _ = assemble_cell(cells_dir, row["cell"], size, straighten, clean)
             if n != int(row["n_chromosomes"]):
                 raise ManifestError(f"{cells_dir / 'cells' / row['cell']}: {n} crops, but "
                                     f"cells.csv says n_chromosomes={row['n_chromosomes']}")
