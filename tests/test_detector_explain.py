@@ -9,7 +9,9 @@ import pytest
 
 from karyo.karyograms.karyotype import counts, get
 from karyo.karyograms.abnormal_cells import slot_labels
-from karyo.karyograms.layout import WHITE, arrange_karyogram
+from karyo.karyograms.assemble import folder_crops, load_crop
+from karyo.karyograms.degrade import degrade_cell
+from karyo.karyograms.layout import SLOTS, WHITE, arrange_karyogram
 from karyo.karyograms.slots import read_slots
 from karyo.karyograms.synth import render_karyogram
 from karyo.models.detector import compact, fit_references, karyogram_features
@@ -122,8 +124,19 @@ def test_predict_scores_cell_folders_of_crops_and_names_bad_ones(detector_run, t
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(out))}
     assert set(rows) == {"c1", "c2"}
     assert rows["c1"]["count_deviations"] == "" and rows["c2"]["count_deviations"] == "21:3"
-    # one cell folder given directly is scored the same way
+    # one cell folder given directly is scored the same way, and so are raw crops of another lab, cleaned
     assert main(["predict", "--model", str(detector_run), str(cells / "c2"), "--mc", "10"]) == 0
+    raw = tmp_path / "raw" / "c2"
+    degraded = degrade_cell({s: [load_crop(p) for p in ps] for s, ps in folder_crops(cells / "c2").items()},
+                            np.random.default_rng(1), strength=0.5)
+    for slot, crops in degraded.items():
+        for i, crop in enumerate(crops):
+            (raw / str(SLOTS.index(slot) + 1)).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(raw / str(SLOTS.index(slot) + 1) / f"{i}.png"), crop)
+    for flag, deviations in (([], lambda d: d != "21:3"), (["--clean-crops"], lambda d: d == "21:3")):
+        assert main(["predict", "--model", str(detector_run), str(raw), "--mc", "10", "--out", str(out)] + flag) == 0
+        (row,) = csv.DictReader(open(out))
+        assert deviations(row["count_deviations"]), (flag, row["count_deviations"])
 
 
 def _cell(group, pred, deviations="", refer=False, prob=None, label=None):
