@@ -70,3 +70,20 @@ def test_cleaning_restores_the_counts_of_a_degraded_cell(tmp_path):
     assert counts(crops, False) == truth == counts(crops, True)
     assert counts(degraded, False) != truth  # neighbours' pieces read as extra chromosomes
     assert counts(degraded, True) == truth
+
+
+def test_degraded_variants_keep_the_counts_and_label_only_the_built_abnormalities():
+    from karyo.experiments.detection import degraded_variants
+    from karyo.karyograms.karyotype import get
+    from karyo.karyograms.synth import render_karyogram
+    from karyo.models.detector import compact
+
+    reading = read_slots(render_karyogram(get("normal_xy"), size=256, rng=np.random.default_rng(0)))
+    variants = degraded_variants(reading, 256, np.random.default_rng(2), kinds=("extra", "del_terminal"))
+    assert len(variants) == 3
+    (normal, labels), *abnormal = variants
+    assert not any(labels.values())
+    assert {s: len(v) for s, v in normal.items()} == slot_counts(reading)
+    assert all(any(lab.values()) for _, lab in abnormal)
+    extra = next(r for r, lab in abnormal if sum(len(v) for v in r.values()) == 47)
+    assert compact(reading).keys() == extra.keys()
