@@ -13,7 +13,9 @@ in five conditions:
 
 and scored with 100 MC passes. Reported per condition: cells whose slot counts equal their crop counts,
 aneuploid AUC (abnormal vs normal cells), recall and false-positive rate at the run's decision, and the
-referral rate.
+referral rate. With ``--kinds``, also the AUC of each structural kind built from the clean test normal
+cells (``karyo.experiments.detection.abnormal_variants``, one per cell and kind) against those cells, and
+its recall at the decision: does training on degraded crops cost sensitivity on clean ones?
 
 Usage:
     python scripts/detector_degraded.py --runs RUN [RUN ...] --cells /work/shared/data/gband612 \
@@ -31,6 +33,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from karyo.atomic import atomic_write_text
+from karyo.experiments.detection import abnormal_variants
+from karyo.karyograms.abnormal_cells import KINDS
 from karyo.karyograms.assemble import folder_crops, load_crop, prepare_crops
 from karyo.karyograms.degrade import degrade_cell
 from karyo.karyograms.layout import arrange_karyogram
@@ -58,12 +62,35 @@ def measure(detector, images, truth_counts, labels, seed):
             "referral_rate": float(np.mean(summary["refer"]))}
 
 
+def kind_aucs(detector, normal_images, seed):
+    """AUC, and share with mean P(abnormal) >= the decision, of each structural kind built from these cells."""
+    rng = np.random.default_rng([seed, 99])
+    normal, built = [], {}
+    for image in normal_images:
+        reading = read_slots(image)
+        normal.append(compact(reading))
+        for kind in KINDS:
+            for variant, _ in abnormal_variants(reading, image.shape[0], rng, kinds=(kind,)):
+                built.setdefault(kind, []).append(variant)
+    _, base = predict_passes(detector, normal, T=100, seed=seed)
+    base = base.mean(axis=0)
+    out = {}
+    for kind, readings in built.items():
+        _, probs = predict_passes(detector, readings, T=100, seed=seed)
+        p = probs.mean(axis=0)
+        y = np.r_[np.zeros(len(base)), np.ones(len(p))]
+        out[kind] = {"n": len(p), "auc": float(roc_auc_score(y, np.r_[base, p])),
+                     "share_at_decision": float(np.mean(p >= detector.decision))}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, required=True)
     parser.add_argument("--cells", type=Path, required=True, help="the set folder (cells/, cells.csv)")
     parser.add_argument("--strengths", nargs="+", type=float, default=[0.5, 1.0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kinds", action="store_true", help="also the AUC per structural kind (clean cells)")
     args = parser.parse_args()
     results = {}
     for run in args.runs:
@@ -86,6 +113,9 @@ def main():
             conditions[f"degraded {strength:g}+cleaning"] = [karyogram(d, True) for d in degraded]
         results[str(run)] = {name: measure(detector, images, truth, labels, seed)
                              for name, images in conditions.items()}
+        if args.kinds:
+            results[str(run)]["kinds"] = kind_aucs(detector, [im for im, lab in zip(conditions["clean"], labels)
+                                                              if lab == "normal"], seed)
         results[str(run)]["seconds"] = round(time.time() - started, 1)
         print(run, json.dumps(results[str(run)], indent=1), flush=True)
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
