@@ -33,7 +33,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'cases': ['cell_findings', 'case_calls', 'case_metrics', 'evaluate_by_group'],
         'chromosomes': ['train_chromosome_classifier'],
         'detection': [
-            'is_detector_run', 'abnormal_variants', 'train_detector', 'evaluate_detector_run',
+            'is_detector_run', 'abnormal_variants', 'degraded_variants', 'train_detector', 'evaluate_detector_run',
             'predict_detector_paths', 'write_explanations',
         ],
         'figures': [

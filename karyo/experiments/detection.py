@@ -38,7 +38,7 @@ from karyo.data.splits import split_rows
 from karyo.errors import KaryoError, ImageError
 from karyo.experiments import figures
 from karyo.karyograms.abnormal_cells import KINDS, make_abnormal, slot_labels
-from karyo.karyograms.assemble import assemble_folder, prepare_crops
+from karyo.karyograms.assemble import assemble_folder, prepare_crops, safe_file_name
 from karyo.karyograms.degrade import degrade_cell
 from karyo.karyograms.layout import arrange_karyogram, SLOTS, WHITE
 from karyo.karyograms.slots import as_gray, read_slots, slot_counts
@@ -223,14 +223,10 @@ def _unique_stems(sources):
     """One picture name per source: its stem (a cell folder's name), numbered when two collide."""
     seen, out = {}, []
     for source in sources:
-        stem = _file_name(Path(source).name if Path(source).is_dir() else Path(source).stem)
+        stem = safe_file_name(Path(source).name if Path(source).is_dir() else Path(source).stem) or "karyogram"
         seen[stem] = seen.get(stem, 0) + 1
         out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return out
-
-
-def _file_name(text):
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text) or "karyogram"
 
 
 def predict_detector_paths(run_dir, files, passes=100, threshold=0.8, seed=0, cells=(), explain=None,

@@ -375,7 +375,8 @@ def assemble_folder(folder, size=DEFAULT_SIZE, straighten=True, clean=False):
     return laid.image, sum(len(cs) for cs in prepared.values()), background
 
 
-def _file_name(text):
+def safe_file_name(text):
+    """``text`` as a file name: every run of characters other than letters, digits, ``.``, ``_``, ``-`` is ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
@@ -427,7 +428,7 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
             if n != int(row["n_chromosomes"]):
                 raise ManifestError(f"{cells_dir / 'cells' / row['cell']}: {n} crops, but "
                                     f"cells.csv says n_chromosomes={row['n_chromosomes']}")
-            name = _file_name(row["cell"])
+            name = safe_file_name(row["cell"])
             if name in names:
                 raise ManifestError(f"cell id {row['cell']} clashes with another as a file name")
             names.add(name)
@@ -476,7 +477,7 @@ def chromosome_manifest(cells_dir, out_dir, size=None, cells=None, progress=True
     out_rows = []
     with atomic_dir(out_dir) as tmp:
         for row in _cells_iterator(rows, progress, "copy chromosomes"):
-            folder = _file_name(row["cell"])
+            folder = safe_file_name(row["cell"])
             (tmp / "images" / folder).mkdir(parents=True, exist_ok=True)
             for slot, files in cell_crops(cells_dir, row["cell"]).items():
                 for i, path in enumerate(files):
