@@ -199,7 +199,8 @@ def cmd_data_assemble(args):
     from karyo.karyograms.assemble import assemble_cells
 
     out = assemble_cells(args.cells, args.out, size=args.size,
-                         include_uncertain=args.include_uncertain, progress=True, layout=args.layout)
+                         include_uncertain=args.include_uncertain, progress=True, layout=args.layout,
+                         clean=args.clean_crops)
     print(f"wrote {out}")
     return 0
 
@@ -262,6 +263,9 @@ def add_data_generators(dsub):
     p.add_argument("--layout", choices=("standard", "compact"), default="standard",
                    help="standard: pair numbers under the slots (default); compact: thin margins and gaps, no "
                    "numbers, chromosomes drawn larger (the thesis' future work, 5.3)")
+    p.add_argument("--clean-crops", action="store_true",
+                   help="the crops are raw bounding boxes cut from the metaphase (another laboratory's export): "
+                   "erase pieces of neighbouring chromosomes and stretch pale chromosomes before the layout")
     p.set_defaults(func=cmd_data_assemble)
 
     p = dsub.add_parser(
@@ -377,6 +381,14 @@ def cmd_evaluate(args):
 
     evaluate_run(args.run, passes=args.mc, threshold=args.threshold, seed=args.seed)
     _print_metrics(args.run)
+    if args.by_group:
+        from karyo.experiments.cases import CASE_METRICS_FILE, evaluate_by_group
+
+        cases = evaluate_by_group(args.run, min_repeats=args.min_repeats, structural_cells=args.structural_cells)
+        keys = ("accuracy", "recall", "false_positive_rate", "auc", "referral_rate")
+        shown = "  ".join(f"{k} {cases[k]:.3f}" for k in keys if cases.get(k) is not None)
+        print(f"{args.run} by case ({cases['n_cases']} cases, {cases['abnormal_cases']} abnormal): {shown}")
+        print(f"wrote {Path(args.run) / CASE_METRICS_FILE}")
     return 0
 
 
@@ -384,8 +396,11 @@ def cmd_predict(args):
     from karyo.experiments.runs import predict_paths
     from karyo.uncertainty.confidence import write_predictions
 
+    explain = None
+    if args.explain:
+        explain = args.out.parent if args.out else Path(".")
     rows, problems = predict_paths(args.model, args.paths, passes=args.mc, threshold=args.threshold,
-                                   seed=args.seed)
+                                   seed=args.seed, explain=explain, clean_crops=args.clean_crops)
     for path, reason in problems:
         print(f"karyo: skipped {path}: {reason}", file=sys.stderr)
     if rows:
@@ -398,6 +413,8 @@ def cmd_predict(args):
         if args.out:
             write_predictions(args.out, rows)
             print(f"wrote {args.out}")
+        if explain is not None:
+            print(f"wrote {explain / 'explanations.csv'} and {len(rows)} picture(s) in {explain / 'explain'}")
     return 1 if problems else 0
 
 
@@ -456,21 +473,41 @@ def add_model_commands(sub):
     p.add_argument("--mc", type=_positive_int, default=100, help="MC Dropout passes (100)")
     p.add_argument("--threshold", type=_fraction, default=0.8, help="referral threshold (0.8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
+    p.add_argument("--by-group", action="store_true",
+                   help="also combine the cells of each case (the manifest's group) into one call: abnormal "
+                   "when a count change repeats in --min-repeats accepted abnormal cells (every cell of a "
+                   "smaller case) or a structural change (abnormal call without a count change) is seen in "
+                   "--structural-cells cells; writes predictions_by_group.csv and metrics_by_group.json "
+                   "beside the per-cell files")
+    p.add_argument("--min-repeats", type=_positive_int, default=2,
+                   help="cells that must share a count change for --by-group (2)")
+    p.add_argument("--structural-cells", type=_positive_int, default=1,
+                   help="cells that must show a structural change for --by-group (1)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "predict", help="score new karyograms with a trained run",
         description="Score karyogram files or folders with a trained run: majority label of the MC "
         "passes, confidence (share of votes), mean probability of abnormal, and whether to refer the "
-        "case to manual review. Unreadable files are reported and skipped; the exit status is 1 if "
-        "any input was bad.",
+        "case to manual review. With a karyotype_detector run, a cell folder of chromosome crops "
+        "(CELL/<k>/*.png, k = 1..22, 23 = X, 24 = Y), or a folder of such cells, is laid out as a "
+        "karyogram on the fly (as 'karyo data assemble' does, 416 px) and scored. Unreadable files and "
+        "malformed cell folders are reported and skipped; the exit status is 1 if any input was bad.",
     )
     p.add_argument("--model", required=True, type=Path, help="run folder written by 'karyo train'")
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("paths", nargs="+", type=Path, help="image files, folders of images, or cell folders of crops")
     p.add_argument("--mc", type=_positive_int, default=100, help="MC Dropout passes (100)")
     p.add_argument("--threshold", type=_fraction, default=0.8, help="referral threshold (0.8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
     p.add_argument("--out", type=Path, help="write the predictions as CSV")
+    p.add_argument("--explain", action="store_true",
+                   help="karyotype_detector runs: beside --out (or in the current folder) write "
+                   "explain/<name>.png, each karyogram with its slots coloured by P(slot abnormal) and the "
+                   "top reasons in words ('slot 21: 3 chromosomes (expected 2)'), explanations.csv (the "
+                   "reasons as text) and slot_probabilities.csv")
+    p.add_argument("--clean-crops", action="store_true",
+                   help="cell folders hold raw bounding boxes cut from the metaphase (another laboratory's export): "
+                   "erase pieces of neighbouring chromosomes and stretch pale chromosomes before the layout")
     p.set_defaults(func=cmd_predict)
 
 
@@ -612,8 +649,7 @@ def cmd_cross_stain(args):
 def cmd_bench(args):
     from karyo.bench.suite import format_bench, run_bench
 
-    sections = args.sections.split(",") if args.sections else None
-    result = run_bench(quick=args.quick, out=args.out, progress=True, sections=sections)
+    result = run_bench(quick=args.quick, out=args.out, progress=True, sections=args.section)
     print(format_bench(result))
     if args.out:
         print(f"wrote {args.out}")
@@ -666,15 +702,15 @@ def add_real_data_commands(sub):
         "one prediction and vs the naive loop, head training on cached features vs end to end, VGG16 with its "
         "last block unfrozen on cached block-4 output vs the full network, a tuning trial on cached features "
         "vs on images, backbone throughput at 416x416 against the machine's matmul GFLOP/s, chromosome "
-        "pretraining's throughput in float32 and mixed_bfloat16 side by side, the memory of predicting "
-        "thousands of karyograms (full run only), the share of 'karyo reproduce' spent outside training, and "
-        "the time to render the alpha-dataset. Ratios are medians of repeats with their spread.",
+        "pretraining's throughput in float32 and mixed_bfloat16 side by side, the karyotype detector's seconds "
+        "per karyogram with T=100 MC passes (goal <= 1 s), the memory of predicting thousands of karyograms (full "
+        "run only), the share of 'karyo reproduce' spent outside training, and the time to render the "
+        "alpha-dataset. Ratios are medians of repeats with their spread.",
     )
     p.add_argument("--quick", action="store_true", help="fewer images and repeats (minutes on a CPU)")
-    p.add_argument("--sections", metavar="A,B",
-                   help="measure only these sections, comma-separated (default: all the preset has; the karyograms "
-                   "the others read are rendered either way); names: synth_render, backbone_throughput, mc_dropout, "
-                   "head_training, unfreeze_last_block, tuner_trial, pretraining, predict_memory, "
+    p.add_argument("--section", action="append",
+                   help="measure only this section (repeatable): synth_render, backbone_throughput, mc_dropout, "
+                   "head_training, unfreeze_last_block, tuner_trial, pretraining, detector, predict_memory, "
                    "reproduce_overhead")
     p.add_argument("--out", type=Path, help="write the figures as JSON")
     p.set_defaults(func=cmd_bench)

@@ -72,3 +72,33 @@ def subprocess_env(**extra):
         env.pop(name, None)
     env.update(extra)
     return env
+
+
+#: hg38 lengths (Mb) of chromosomes 1..22, X, Y: the relative sizes of :func:`write_cell_folder`'s crops.
+LENGTH_MB = (249, 242, 198, 190, 182, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102, 90, 83, 80,
+             59, 64, 47, 51, 156, 57)
+
+
+def write_cell_folder(folder, changes=None):
+    """A cell folder of crops in the layout of ../shared/data (``<folder>/<k>/<i>.png``, k = 1..24).
+
+    Each crop is a banded bar of its chromosome's relative length, dark on white. The cell is 46,XX
+    unless ``changes`` gives other counts (``{"21": 3}``, ``{"X": 1, "Y": 1}``).
+    """
+    import cv2
+
+    from karyo.data.manifest import CHROMOSOME_LABELS
+
+    counts = {slot: 2 for slot in CHROMOSOME_LABELS}
+    counts["Y"] = 0
+    counts.update(changes or {})
+    for k, slot in enumerate(CHROMOSOME_LABELS):
+        height = 8 + LENGTH_MB[k] // 4
+        for i in range(counts[slot]):
+            crop = np.full((height + 6, 16), 255, np.uint8)
+            for y in range(3, height + 3):
+                crop[y, 4:12] = (60, 140)[(y // 4) % 2]
+            path = Path(folder) / str(k + 1) / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), crop)
+    return Path(folder)

@@ -132,7 +132,7 @@ def test_format_bench_shows_every_figure(tiny_result):
     for needle in ("MC Dropout T=10", "naive MC Dropout", "head epoch speedup", "last block",
                    "keras-tuner trial", "vgg16 features at 75px", "inceptionv3 features",
                    "dense matmul", "karyo predict peak RSS", "pretraining mixed_bfloat16",
-                   "streamed / in-memory throughput"):
+                   "streamed / in-memory throughput", "karyotype detector, T=10"):
         assert needle in text, needle
     for goal in tiny_result[0]["goals"].values():  # each goal with its verdict
         assert f"{goal['goal']}  {'met' if goal['met'] else 'NOT MET'}" in text
@@ -223,3 +223,17 @@ def test_reproduce_overhead_times_training_and_prediction_and_restores_them(monk
     assert 0.25 < figures["share_outside_training_and_prediction"] < 0.6
     assert (training.train_model, runs.pooled_passes) == patched  # the timers are removed again
     assert hypermodel.fit_trial is originals[1]
+
+
+def test_detector_section_times_each_karyogram_with_its_mc_passes(tmp_path):
+    cfg = bench.PRESETS["tiny"]["detector"]
+    result = bench.bench_detector(cfg, None, tmp_path / "detector")
+    assert result["karyograms"] == cfg["karyograms"] and result["T"] == cfg["T"]
+    for key in ("seconds_per_karyogram", "seconds_per_karyogram_one_by_one"):
+        assert _positive(result[key]) and result[key] < 60, key
+    spread = result["seconds_per_karyogram_spread"]
+    assert spread["min"] <= result["seconds_per_karyogram"] <= spread["max"]
+    goals = bench.evaluate_goals({"detector": result})
+    assert goals["detector.seconds_per_karyogram"]["goal"] == "<= 1"
+    assert "karyotype detector" in bench.format_bench({"detector": result, "goals": goals})
+    assert "detector" in bench.PRESETS["quick"] and bench.PRESETS["quick"]["detector"]["T"] == 100

@@ -197,8 +197,10 @@ def test_karyotype_detector_trains_predicts_and_evaluates_by_name(tmp_path, caps
     assert {"accuracy", "auc", "recall", "referral_rate"} <= set(metrics) and metrics["mc_passes"] == 10
     # karyo evaluate rewrites the same predictions; karyo predict names and skips a bad file.
     before = (run / "predictions.csv").read_bytes()
-    assert main(["evaluate", str(run), "--mc", "10"]) == 0
+    assert main(["evaluate", str(run), "--mc", "10", "--by-group"]) == 0
     assert (run / "predictions.csv").read_bytes() == before
+    cases = json.loads((run / "metrics_by_group.json").read_text())
+    assert cases["n_cases"] == len(groups["test"]) and cases["n_cells"] == len(predictions)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
     first = data / split[0]["path"]

@@ -13,8 +13,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'suite': [
             'stand_in_karyograms', 'bench_synth_render', 'matmul_gflops', 'count_macs', 'bench_backbone_throughput',
             'bench_mc_dropout', 'bench_head_training', 'bench_pretraining', 'bench_unfreeze_last_block',
-            'bench_tuner_trial', 'bench_predict_memory', 'machine_info', 'bench_reproduce_overhead',
-            'evaluate_goals', 'run_bench', 'format_bench',
+            'bench_detector', 'bench_tuner_trial', 'bench_predict_memory', 'machine_info',
+            'bench_reproduce_overhead', 'evaluate_goals', 'run_bench', 'format_bench',
         ],
     },
 )

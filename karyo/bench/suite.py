@@ -14,7 +14,9 @@ in one process on one machine, so the figures compare like with like:
   (goal: an epoch at least 2.5 times faster than training the whole network with block 5
   unfrozen).
 
-Also measured: one keras-tuner trial on cached features vs on images, the backbones' feature
+Also measured: the karyotype detector's seconds per karyogram with T = 100 MC passes (reading the
+slots, features and the passes of its slot head; goal: at most 1 s), one keras-tuner trial on
+cached features vs on images, the backbones' feature
 extraction throughput at the thesis' 416 x 416 with their multiply-accumulate counts and the
 machine's dense matrix-multiply speed (the share of the machine's limit a backbone reaches),
 and the time to render the synthetic alpha-dataset (146 karyograms, thesis 3.1.2).
@@ -66,7 +68,11 @@ from karyo.experiments.fit import compile_model
 from karyo.experiments.pretrain import PRECISIONS, build_classifier
 from karyo.experiments.reproduce import reproduce
 from karyo.karyograms.chromosome_synth import synthetic_chromosomes
-from karyo.karyograms.synth import synthesize
+from karyo.karyograms.abnormal_cells import slot_labels
+from karyo.karyograms.karyotype import counts as karyotype_counts, get as get_karyotype
+from karyo.karyograms.slots import read_slots
+from karyo.karyograms.synth import render_karyogram, synthesize
+from karyo.models.detector import compact, fit_detector, predict_karyograms
 from karyo.models.features import cached_features
 from karyo.models.network import build_backbone, build_head, build_model, split_model
 from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE, unfreeze_blocks
@@ -92,6 +98,7 @@ GOALS = (
     ("mc_dropout", "ratio_vs_single_predict", "<=", 1.2),
     ("head_training", "speedup_vs_end_to_end", ">=", 50.0),
     ("unfreeze_last_block", "speedup", ">=", 2.5),
+    ("detector", "seconds_per_karyogram", "<=", 1.0),
 )
 
 #: Goals of sections that not every preset measures (``predict_memory``): judged only when measured.
@@ -102,7 +109,8 @@ MEASURED_ONLY_GOALS = (
 
 #: The order in which :func:`run_bench` measures (and reports) its sections.
 SECTIONS = ("synth_render", "backbone_throughput", "mc_dropout", "head_training",
-            "unfreeze_last_block", "tuner_trial", "pretraining", "predict_memory", "reproduce_overhead")
+            "unfreeze_last_block", "tuner_trial", "pretraining", "detector", "predict_memory",
+            "reproduce_overhead")
 
 #: What each preset measures. ``size``: image side in pixels, ``images``: how many,
 #: ``repeats``: timed repeats after the warm-up. ``quick`` uses 128 px for the ratios (the
@@ -127,6 +135,7 @@ PRESETS = {
                         "repeats": 3},
         "pretraining": {"backbone": "vgg16", "size": 64, "karyogram_size": 416, "images": 256,
                         "batch_size": 32, "repeats": 5, "matmul_n": 2048},
+        "detector": {"size": THESIS_SIZE, "karyograms": 40, "T": MC_PASSES, "epochs": 2, "repeats": 5},
         # Not in ``quick``: decoding 7,500 files of 416 px takes minutes.
         "predict_memory": {"size": THESIS_SIZE, "counts": (500, 2000, 5000), "T": MC_PASSES,
                            "repeats": 3},
@@ -148,6 +157,7 @@ PRESETS = {
                         "repeats": 3},
         "pretraining": {"backbone": "vgg16", "size": 64, "karyogram_size": 416, "images": 128,
                         "batch_size": 32, "repeats": 3, "matmul_n": 2048},
+        "detector": {"size": THESIS_SIZE, "karyograms": 16, "T": MC_PASSES, "epochs": 2, "repeats": 3},
         "reproduce_overhead": {"preset": "tiny"},
     },
     "tiny": {
@@ -165,9 +175,13 @@ PRESETS = {
                         "repeats": 1},
         "pretraining": {"backbone": "vgg16", "size": 32, "karyogram_size": 96, "images": 8,
                         "batch_size": 4, "repeats": 1, "matmul_n": 256},
+        "detector": {"size": 128, "karyograms": 4, "T": 10, "epochs": 1, "repeats": 1},
         "predict_memory": {"size": 64, "counts": (3, 6), "T": 5, "repeats": 1},
     },
 }
+
+#: Karyotypes the detector section renders, in turn (normal and count changes, both sexes).
+DETECTOR_KARYOTYPES = ("normal_xx", "normal_xy", "trisomy21_xy", "monosomyX", "normal_xy", "klinefelter")
 
 
 # ------------------------------------------------------------------------------ timing
@@ -622,6 +636,48 @@ def bench_unfreeze_last_block(cfg, images, folder):
     }
 
 
+def bench_detector(cfg, images, folder):
+    """The karyotype detector on rendered karyogram files: read + features + T MC passes, per karyogram.
+
+    ``karyograms`` karyograms of :data:`DETECTOR_KARYOTYPES` are rendered at ``size`` and written
+    as PNG files (untimed), a detector is fitted on their readings (untimed: its speed does not
+    depend on its weights), and :func:`karyo.models.detector.predict_karyograms` is timed on all
+    the files in one call (what ``karyo predict FOLDER`` does) and on each file alone (one
+    karyogram at a time, as a laboratory scores a new cell). ``images`` is not used.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, readings, labels = [], [], []
+    for i in range(int(cfg["karyograms"])):
+        karyotype = get_karyotype(DETECTOR_KARYOTYPES[i % len(DETECTOR_KARYOTYPES)])
+        image = render_karyogram(karyotype, size=int(cfg["size"]), rng=np.random.default_rng(i))
+        path = folder / f"k{i}.png"
+        path.write_bytes(encode_png(image))
+        paths.append(path)
+        readings.append(compact(read_slots(image)))
+        labels.append(slot_labels(karyotype_counts(karyotype)))
+    detector = fit_detector(readings, labels, epochs=int(cfg["epochs"]), batch_size=64, seed=0)
+    T, n = int(cfg["T"]), len(paths)
+
+    def one_by_one():
+        for path in paths:
+            predict_karyograms(detector, [path], T=T, seed=0)
+
+    times = _alternate({"batch": _wall(lambda: predict_karyograms(detector, paths, T=T, seed=0)),
+                        "single": _wall(one_by_one)}, cfg["repeats"])
+    batch, single = _stats(times["batch"]), _stats(times["single"])
+    return {
+        "image_size": int(cfg["size"]), "karyograms": n, "T": T,
+        "seconds_per_karyogram": batch["median"] / n,
+        "seconds_per_karyogram_spread": {"min": batch["min"] / n, "max": batch["max"] / n},
+        "seconds_per_karyogram_one_by_one": single["median"] / n,
+        "one_by_one_spread": {"min": single["min"] / n, "max": single["max"] / n},
+        "method": "karyo.models.detector.predict_karyograms(detector, files, T): decode, read_slots, "
+                  "features and T MC Dropout passes of the slot head, on rendered karyogram PNG files; "
+                  "all files in one call (seconds_per_karyogram) and one file per call (one_by_one)",
+    }
+
+
 def _tuner_trial(build, x, y, x_val, y_val, epochs, directory, project):
     """Run one keras-tuner trial (random search, lr log-uniform, batch size in ``fit``)."""
     import keras_tuner as kt
@@ -911,6 +967,7 @@ _SECTION_FUNCTIONS = {
     "unfreeze_last_block": bench_unfreeze_last_block,
     "tuner_trial": bench_tuner_trial,
     "pretraining": bench_pretraining,
+    "detector": bench_detector,
     "predict_memory": bench_predict_memory,
     "reproduce_overhead": bench_reproduce_overhead,
 }
@@ -1061,6 +1118,14 @@ def format_bench(result):
     if tun:
         add(f"keras-tuner trial speedup, cached vs images ({tun['epochs']} epochs)",
             tun["speedup"], (tun["speedup_spread"]["min"], tun["speedup_spread"]["max"]), unit="x")
+    det = result.get("detector")
+    if det:
+        add(f"karyotype detector, T={det['T']}, {det['karyograms']} files at {det['image_size']}px "
+            "(s per karyogram)", det["seconds_per_karyogram"],
+            (det["seconds_per_karyogram_spread"]["min"], det["seconds_per_karyogram_spread"]["max"]),
+            goal_text("detector.seconds_per_karyogram"), " s")
+        add("  one file per call (s per karyogram)", det["seconds_per_karyogram_one_by_one"],
+            (det["one_by_one_spread"]["min"], det["one_by_one_spread"]["max"]), unit=" s")
     thr = result.get("backbone_throughput")
     if thr:
         for name in ("vgg16", "inceptionv3"):

@@ -13,6 +13,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submodules=[
+        'cases',
         'chromosomes',
         'detection',
         'figures',
@@ -29,14 +30,16 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'tuning',
     ],
     submod_attrs={
+        'cases': ['cell_findings', 'case_calls', 'case_metrics', 'evaluate_by_group'],
         'chromosomes': ['train_chromosome_classifier'],
         'detection': [
-            'is_detector_run', 'abnormal_variants', 'train_detector', 'evaluate_detector_run',
-            'predict_detector_paths',
+            'is_detector_run', 'abnormal_variants', 'degraded_variants', 'train_detector', 'evaluate_detector_run',
+            'predict_detector_paths', 'write_explanations',
         ],
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
-            'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter',
+            'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter', 'plot_explanation',
+            'plot_gallery',
         ],
         'fit': [
             'distribution_strategy', 'strategy_scope', 'strategy_summary', 'FitConfig', 'two_phase_fit',
@@ -53,7 +56,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'starting_weights', 'pretraining_quality',
         ],
         'registry': ['Experiment', 'list_experiments', 'get_experiment'],
-        'report': ['collect_runs', 'write_report', 'interval_of', 'collect_seed_runs', 'mean_sd'],
+        'report': ['collect_runs', 'write_report', 'interval_of', 'collect_seed_runs', 'mean_sd', 'gallery_rows'],
         'reproduce': ['Preset', 'get_preset', 'run_dir', 'seed_dir', 'reproduce'],
         'runs': ['model_paths', 'load_models', 'read_config', 'pooled_passes', 'evaluate_run', 'predict_paths'],
         'training': [

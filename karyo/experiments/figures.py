@@ -5,7 +5,8 @@ recall; train vs validation), the test confusion matrix (Fig. 4.2: x predicted, 
 abnormal = positive) and ROC curves (Fig. 4.3, several overlaid in Fig. 4.19); chapter 3 the
 hyperparameter search (Figs. 3.3 / 3.4: the hyperparameter vs validation loss, coloured by
 validation accuracy). Beyond the thesis: a reliability diagram, the risk-coverage (referral)
-curve and confidence histograms of correct vs wrong predictions.
+curve and confidence histograms of correct vs wrong predictions, and the karyotype detector's
+explanation (a karyogram with its slots coloured by P(slot abnormal)).
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects, never through ``pyplot``: no
 global state, no backend switch, safe in notebooks and threads; PNGs are rendered by the Agg
@@ -21,6 +22,7 @@ import numpy as np
 
 from karyo.atomic import atomic_path
 from karyo.errors import KaryoError
+from karyo.karyograms.layout import SLOTS, slot_boxes
 from karyo.uncertainty.metrics import expected_calibration_error, reliability_bins, risk_coverage as curve
 
 #: Resolution of every figure (small files, readable text).
@@ -376,4 +378,80 @@ def plot_tuning_scatter(values, val_loss, val_acc, out, xlabel, log=False, title
     failed = int((~ok).sum())
     note = f"{int(ok.sum())} trials" + (f"; {failed} failed trial(s) left out" if failed else "")
     ax.set_title(f"{title or f'Validation loss vs {xlabel}'}\n{note}", fontsize="medium")
+    return _save(fig, out)
+
+
+def plot_explanation(image, slot_probs, reasons, out, title=None, cmap="RdYlBu_r"):
+    """A karyogram with each slot's box coloured by P(slot abnormal), and the top reasons under it.
+
+    Args:
+        image: the karyogram (gray or RGB ``uint8``, square, karyo's layout).
+        slot_probs: ``(24,)`` P(slot abnormal), slot order 1..22, X, Y.
+        reasons: the lines to print under the picture (e.g. :func:`karyo.models.explain.slot_reasons`).
+        out: the PNG to write.
+        title: the figure's title (e.g. the file, the call and its confidence).
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    image = np.asarray(image)
+    gray = image[:, :, 0] if image.ndim == 3 else image
+    probs = np.asarray(slot_probs, np.float64)
+    fig, ax = _figure(figsize=(6.4, 7.2))
+    ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+    colours, norm = colormaps[cmap], Normalize(0.0, 1.0)
+    # the most probable slots are drawn last, so that their edges lie on top
+    boxes = slot_boxes(gray.shape[0])
+    for i in np.argsort(probs, kind="stable"):
+        x0, y0, x1, y1 = boxes[SLOTS[i]]
+        colour = colours(norm(probs[i]))
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, facecolor=colour, alpha=0.18,
+                               edgecolor="none"))
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                               linewidth=1.0 + 2.0 * probs[i]))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(ScalarMappable(norm=norm, cmap=colours), ax=ax, shrink=0.7, label="P(slot abnormal)")
+    text = "\n".join(reasons) if reasons else "no slot stands out"
+    ax.set_xlabel(text, fontsize="small", loc="left", linespacing=1.4)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return _save(fig, out)
+
+
+def plot_gallery(rows, out, title=None, thumb=1.9):
+    """Rows of captioned karyogram thumbnails, e.g. a detector's confident calls and its referred cells.
+
+    Args:
+        rows: ``{row title: [(image, caption), ...]}`` (images gray or RGB ``uint8``); an empty row
+            says "none".
+        out: the PNG to write.
+        title: the figure's title.
+        thumb: inches per thumbnail.
+    """
+    rows = {k: list(v) for k, v in rows.items()}
+    width = max([len(v) for v in rows.values()] + [1])
+    fig, axes = _figure(figsize=(thumb * width + 0.4, (thumb + 1.0) * max(len(rows), 1)), nrows=max(len(rows), 1),
+                        ncols=width, squeeze=False)
+    for r, (name, items) in enumerate(rows.items()):
+        for c in range(width):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(items):
+                image, caption = items[c]
+                image = np.asarray(image)
+                ax.imshow(image if image.ndim == 3 else image, cmap=None if image.ndim == 3 else "gray",
+                          vmin=0, vmax=255)
+                ax.set_xlabel(caption, fontsize="x-small")
+            else:
+                ax.axis("off")
+                if not items and c == 0:
+                    ax.text(0.0, 0.5, "none", transform=ax.transAxes, fontsize="small")
+            if c == 0:
+                ax.set_title(name, fontsize="small", loc="left")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return _save(fig, out)

@@ -46,7 +46,8 @@ class Experiment:
         family: ``thesis`` or ``beyond``.
         kind: ``network`` (a backbone and the thesis' head, trained on whole karyograms) or
             ``detector`` (:mod:`karyo.experiments.detection`: the karyogram read slot by slot;
-            ``backbone`` is then ``none`` and ``epochs`` trains its slot head).
+            ``backbone`` is then ``none`` and ``epochs`` trains its slot head; ``augmented`` then adds
+            degraded copies of the training cells, as other laboratories cut their crops).
     """
 
     name: str
@@ -117,6 +118,8 @@ BEYOND_EXPERIMENTS = (
     Experiment("xception_augmented", "processed data on Xception", "xception", family="beyond"),
     Experiment("karyotype_detector", "karyotype detector: each slot's count and homologs, MC Dropout per slot",
                "none", augmented=False, weights="none", epochs=30, family="beyond", kind="detector"),
+    Experiment("karyotype_detector_degraded", "karyotype detector trained also on degraded crops (other labs' "
+               "raw boxes)", "none", augmented=True, weights="none", epochs=30, family="beyond", kind="detector"),
 )
 
 #: name -> Experiment, every registered run.

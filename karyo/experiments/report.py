@@ -14,7 +14,8 @@ import statistics
 from pathlib import Path
 
 from karyo.atomic import atomic_write_text
-from karyo.errors import KaryoError
+from karyo.data.imageio import decode_image
+from karyo.errors import ImageError, KaryoError
 from karyo.experiments import figures
 from karyo.experiments.registry import EXPERIMENTS, THESIS_EXPERIMENTS
 from karyo.uncertainty.metrics import BOOTSTRAP_RESAMPLES, metric_intervals
@@ -24,6 +25,8 @@ PROTOCOL_TEXT = {
     "grouped": "split by group, then augment the training part only (leakage-free)",
 }
 METRICS = ("accuracy", "precision", "recall", "auc")
+#: Thumbnails per row of the detector's gallery (confident calls, referred cells).
+GALLERY_SIZE = 4
 
 
 def _read_json(path):
@@ -168,6 +171,7 @@ def write_report(out, preset=None, seconds=None):
     _roc_overlays(doc, out, runs, figures)
     _per_abnormality(doc, runs)
     _wrong_tables(doc, runs)
+    _detector_gallery(doc, out, runs)
     _tuning(doc, out)
 
     md = out / "report.md"
@@ -409,3 +413,48 @@ def _tuning(doc, out):
         path = folder / "figures" / name
         if path.is_file():
             doc.image(path, name)
+
+
+def gallery_rows(predictions, n=GALLERY_SIZE):
+    """The detector gallery's picks: ``{"confident calls": rows, "referred cells": rows}``.
+
+    Confident calls: the accepted abnormal calls with the highest P(abnormal) first (half the row at
+    most), then the accepted normal calls with the lowest; referred cells: the least confident first.
+    """
+    accepted = [r for r in predictions if str(r["refer"]).lower() not in ("true", "1")]
+    referred = [r for r in predictions if str(r["refer"]).lower() in ("true", "1")]
+    abnormal = sorted((r for r in accepted if r["pred_label"] == "abnormal"), key=lambda r: -float(r["mean_prob"]))
+    normal = sorted((r for r in accepted if r["pred_label"] != "abnormal"), key=lambda r: float(r["mean_prob"]))
+    confident = abnormal[:max(n // 2, n - len(normal))]
+    confident += normal[:n - len(confident)]
+    return {"confident calls": confident,
+            "referred cells": sorted(referred, key=lambda r: float(r["confidence"]))[:n]}
+
+
+def _detector_gallery(doc, out, runs):
+    """For each detector run: a gallery of confident calls and of referred cells (thumbnails, P, confidence)."""
+    for protocol, by_name in runs.items():
+        for name, run in by_name.items():
+            if run["config"].get("kind") != "detector":
+                continue
+            root = Path(run["config"].get("data", {}).get("root", run["dir"]))
+            picks, missing = {}, 0
+            for row_name, rows in gallery_rows(_read_predictions(run["dir"])).items():
+                picks[row_name] = []
+                for r in rows:
+                    try:
+                        image = decode_image(root / r["path"])
+                    except ImageError:  # the data moved since the run: the table still says it all
+                        missing += 1
+                        continue
+                    truth = f", true {r['label']}" if r.get("label") else ""
+                    caption = (f"{Path(r['path']).stem}\n{r['pred_label']} P {float(r['mean_prob']):.2f}"
+                               f"\nconfidence {float(r['confidence']):.0%}{truth}")
+                    picks[row_name].append((image, caption))
+            doc.heading(f"Karyotype detector gallery: {name} [{protocol}]", 3)
+            path = out / "figures" / f"gallery_{name}_{protocol}.png"
+            figures.plot_gallery(picks, path, title=f"{name} [{protocol}]: confident calls and referred cells")
+            doc.para("Confident calls (accepted, abnormal calls with the highest P(abnormal) first) and "
+                     "referred cells (below the confidence threshold, least confident first), test part."
+                     + (f" {missing} picture(s) not found under `{root}`." if missing else ""))
+            doc.image(path, f"detector gallery {name} {protocol}")

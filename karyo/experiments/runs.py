@@ -20,6 +20,7 @@ from karyo.data.pipeline import label_indices, stream_paths, stream_rows
 from karyo.errors import KaryoError
 from karyo.experiments import figures
 from karyo.experiments.detection import evaluate_detector_run, is_detector_run, predict_detector_paths
+from karyo.karyograms.assemble import find_cell_folders
 from karyo.models.saving import load_model
 from karyo.uncertainty.confidence import predictions_table, summarize_passes, write_predictions
 from karyo.uncertainty.mc_dropout import mc_predict
@@ -193,28 +194,53 @@ def evaluate_run(run_dir, members=None, images=None, labels=None, rows=None, pas
     return metrics
 
 
-def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0):
+def predict_paths(run_dir, paths, passes=100, threshold=0.8, seed=0, explain=None, clean_crops=False):
     """Score new karyograms (files or folders) with a trained run.
+
+    A folder is searched for images; a cell folder of chromosome crops (``<cell>/<k>/*.png``,
+    k = 1..24), or a folder of such cells, is laid out as karyograms on the fly and scored by a
+    karyotype detector run (see :func:`karyo.experiments.detection.predict_detector_paths`).
+
+    Args:
+        explain: a folder for the detector's explanations (``explain/<stem>.png``,
+            ``explanations.csv``); a thesis CNN run has no slot evidence to explain (KaryoError).
+        clean_crops: cell folders hold raw bounding boxes: erase neighbours' pieces, stretch pale chromosomes.
 
     Returns:
         ``(rows, problems)``: prediction rows (SPEC columns, ``label`` empty) for the files that
         could be read, and ``(path, reason)`` for those that could not.
+
+    Raises:
+        KaryoError: ``explain`` with a run that is not a karyotype detector.
     """
 
     config = read_config(run_dir)
-    files, problems = [], []
+    detector = is_detector_run(run_dir)
+    if explain is not None and not detector:
+        raise KaryoError(f"{run_dir}: --explain draws the karyotype detector's slot evidence; this is a thesis "
+                         "CNN run, which sees the whole picture only (train one with 'karyo train karyotype_detector')")
+    files, cells, problems = [], [], []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
-            if not found:
+            found_cells = find_cell_folders(path)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p)
+                           and not any(c in p.parents for c in found_cells))
+            if found_cells and not detector:
+                problems.append((str(path), "holds cell folders of chromosome crops, which a karyotype_detector run "
+                                 "scores; for this run assemble them first with 'karyo data assemble'"))
+            elif found_cells:
+                cells += found_cells
+            if not found and not found_cells:
                 problems.append((str(path), "folder holds no image files"))
             files += found
         elif path.exists():
             files.append(path)
         else:
             problems.append((str(path), "file not found"))
-    if is_detector_run(run_dir):
-        return predict_detector_paths(run_dir, files, passes=passes, threshold=threshold, seed=seed)
+    if detector:
+        rows, bad = predict_detector_paths(run_dir, files, passes=passes, threshold=threshold, seed=seed,
+                                           cells=cells, explain=explain, clean_crops=clean_crops)
+        return rows, problems + bad
     # Streamed: STREAM_CHUNK images in memory at a time, whatever the number of files.
     chunks = stream_paths(files, config["experiment"]["image_size"], problems)
     first = next(chunks, None)

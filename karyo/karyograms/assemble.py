@@ -115,7 +115,7 @@ def _select(rows, cells, path):
 
 
 def cell_crops(cells_dir, cell):
-    """``{slot: [crop path, ...]}`` of one cell, crops in numeric order.
+    """``{slot: [crop path, ...]}`` of one cell of a set, crops in numeric order.
 
     Raises:
         ManifestError: the cell's folder is missing or holds a folder that is not a class 1..24.
@@ -123,17 +123,47 @@ def cell_crops(cells_dir, cell):
     folder = Path(cells_dir) / "cells" / cell
     if not folder.is_dir():
         raise ManifestError(f"{folder}: cell folder not found (listed in cells.csv)")
+    return folder_crops(folder)
+
+
+def folder_crops(folder):
+    """``{slot: [crop path, ...]}`` of a cell folder (``<folder>/<k>/*.png``, k = 1..24), crops in numeric order.
+
+    Raises:
+        ManifestError: the folder holds an entry that is not a class folder 1..24.
+    """
+    folder = Path(folder)
     crops = {slot: [] for slot in CHROMOSOME_LABELS}
     for sub in sorted(folder.iterdir()):
         if sub.name.startswith("."):
             continue
         slot = slot_of(sub.name)
         if slot is None or not sub.is_dir():
-            raise ManifestError(f"{sub}: not a chromosome class folder (expected 1..24)")
+            raise ManifestError(f"{sub}: not a chromosome class folder (a cell folder holds only "
+                                "folders 1..24 of crops, 23 = X, 24 = Y)")
         files = [f for f in sub.iterdir() if f.is_file() and is_image_path(f)
                  and not f.name.startswith(".")]
         crops[slot] = sorted(files, key=lambda f: (len(f.stem), f.stem))
     return crops
+
+
+def is_cell_folder(path):
+    """True if ``path`` looks like one cell's crops: a folder holding at least one class folder 1..24."""
+    path = Path(path)
+    return path.is_dir() and any(sub.is_dir() and slot_of(sub.name) is not None for sub in path.iterdir())
+
+
+def find_cell_folders(path):
+    """The cell folders at or under ``path`` (see :func:`is_cell_folder`), sorted; none inside another."""
+    path = Path(path)
+    if is_cell_folder(path):
+        return [path]
+    if not path.is_dir():
+        return []
+    found = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += find_cell_folders(sub)
+    return found
 
 
 def load_crop(path):
@@ -210,7 +240,7 @@ def upright(crop, background):
     return trim(turned, background)
 
 
-def prepare_cell(cells_dir, cell, straighten=True):
+def prepare_cell(cells_dir, cell, straighten=True, clean=False):
     """One cell's crops as the layout takes them: trimmed, turned upright, on their background.
 
     Returns:
@@ -220,14 +250,95 @@ def prepare_cell(cells_dir, cell, straighten=True):
         ImageError: a crop cannot be read (the message names the file).
         ManifestError: the cell folder is missing, malformed or empty.
     """
-    paths = cell_crops(cells_dir, cell)
+    cell_crops(cells_dir, cell)  # the set's own message when the cell's folder is missing
+    return prepare_folder(Path(cells_dir) / "cells" / cell, straighten, clean)
+
+
+def prepare_folder(folder, straighten=True, clean=False):
+    """A cell folder's crops (:func:`folder_crops`) trimmed, turned upright, on their background.
+
+    Raises:
+        ImageError: a crop cannot be read (the message names the file).
+        ManifestError: the folder is malformed or holds no crop.
+    """
+    paths = folder_crops(folder)
     crops = {slot: [load_crop(p) for p in files] for slot, files in paths.items()}
+    if not any(crops.values()):
+        raise ManifestError(f"{folder}: the cell has no crops (expected <k>/*.png with k = 1..24)")
+    return prepare_crops(crops, straighten, clean)
+
+
+def main_object(crop, background):
+    """The crop with only its chromosome: pieces of neighbours that entered the box are erased.
+
+    Raw bounding boxes cut from a metaphase hold pieces of neighbouring chromosomes at their edges.
+    The chromosome is the connected component (of the pixels :data:`FOREGROUND_DELTA` from the
+    background, lightly closed) with the largest area weighted by how near its centroid lies to the
+    box's centre; other components are kept only when they lie mostly within its bounding box (a
+    pale band splitting one chromosome in two).
+    """
+    import cv2
+
+    mask = (np.abs(crop.astype(np.int16) - int(background)) > FOREGROUND_DELTA).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 2:
+        return crop
+    h, w = crop.shape
+    centre = np.array([w / 2, h / 2])
+    reach = np.hypot(w, h) / 2
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    near = 1.0 - np.linalg.norm(centroids[1:] - centre, axis=1) / reach
+    main = 1 + int(np.argmax(areas * np.clip(near, 0.05, None) ** 2))
+    x, y, bw, bh = stats[main, :4]
+    keep = labels == main
+    for k in range(1, n):
+        if k == main:
+            continue
+        inside = labels[y:y + bh, x:x + bw] == k
+        if inside.sum() >= 0.6 * stats[k, cv2.CC_STAT_AREA]:
+            keep |= labels == k
+    keep = cv2.dilate(keep.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return np.where(keep, crop, np.uint8(background)).astype(np.uint8)
+
+
+def normalise_contrast(crop, background, level=None):
+    """Stretch a pale chromosome's darkness so that its 95th percentile reaches ``level``.
+
+    ``level`` defaults to 200 grey levels from the background. Crops already at least as dark are
+    left as they are (only pale ones are stretched).
+    """
+    level = 200.0 if level is None else float(level)
+    dark = np.abs(crop.astype(np.float32) - float(background))
+    fg = dark > FOREGROUND_DELTA
+    if fg.sum() < 4:
+        return crop
+    top = float(np.percentile(dark[fg], 95))
+    if top >= level:
+        return crop
+    dark = np.clip(dark * (level / max(top, 1.0)), 0, 255)
+    out = background - dark if background >= 128 else background + dark
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def prepare_crops(crops, straighten=True, clean=False):
+    """``{slot: [gray crop, ...]}`` trimmed and turned upright on their background (dark field detected).
+
+    Args:
+        crops: the cell's crops.
+        straighten: turn slanted chromosomes upright (:func:`upright`).
+        clean: for raw bounding boxes from another laboratory: erase neighbours' pieces
+            (:func:`main_object`) and stretch pale chromosomes (:func:`normalise_contrast`) first.
+
+    Returns:
+        ``({slot: [gray uint8 crop, ...]}, background level)``.
+    """
     every = [c for cs in crops.values() for c in cs]
-    if not every:
-        raise ManifestError(f"{Path(cells_dir) / 'cells' / cell}: the cell has no crops")
     background = BLACK if is_dark_field(every) else WHITE
     prepared = {}
     for slot, cs in crops.items():
+        if clean:
+            cs = [normalise_contrast(main_object(c, background), background) for c in cs]
         cs = [trim(c, background) for c in cs]
         if straighten:
             cs = [upright(c, background) for c in cs]
@@ -235,8 +346,8 @@ def prepare_cell(cells_dir, cell, straighten=True):
     return prepared, background
 
 
-def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True, layout="standard"):
-    """Lay one cell's crops out as a karyogram (``layout``: ``standard`` or ``compact``).
+def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True, clean=False, layout="standard"):
+    """Lay one cell of a set out as a karyogram (``layout``: ``standard`` or ``compact``).
 
     Returns:
         ``(rgb uint8 image, number of crops, background level)``.
@@ -245,12 +356,27 @@ def assemble_cell(cells_dir, cell, size=DEFAULT_SIZE, straighten=True, layout="s
         ImageError: a crop cannot be read (the message names the file).
         ManifestError: the cell folder is missing or malformed.
     """
-    prepared, background = prepare_cell(cells_dir, cell, straighten)
+    cell_crops(cells_dir, cell)
+    return assemble_folder(Path(cells_dir) / "cells" / cell, size, straighten, clean, layout)
+
+
+def assemble_folder(folder, size=DEFAULT_SIZE, straighten=True, clean=False, layout="standard"):
+    """Lay a cell folder's crops (``<folder>/<k>/*.png``) out as a karyogram, as ``karyo data assemble`` does.
+
+    Returns:
+        ``(rgb uint8 image, number of crops, background level)``.
+
+    Raises:
+        ImageError: a crop cannot be read (the message names the file).
+        ManifestError: the folder is malformed or holds no crop (the message names it).
+    """
+    prepared, background = prepare_folder(folder, straighten, clean)
     laid = arrange_karyogram(prepared, size, background=background, layout=layout)
     return laid.image, sum(len(cs) for cs in prepared.values()), background
 
 
-def _file_name(text):
+def safe_file_name(text):
+    """``text`` as a file name: every run of characters other than letters, digits, ``.``, ``_``, ``-`` is ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
@@ -263,7 +389,7 @@ def _cells_iterator(rows, progress, desc):
 
 
 def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=False, cells=None,
-                   progress=True, straighten=True, layout="standard"):
+                   progress=True, straighten=True, clean=False, layout="standard"):
     """Assemble every cell of a set into a karyogram: ``out_dir/manifest.csv`` + ``images/``.
 
     Args:
@@ -275,6 +401,8 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
         cells: optional cell ids, or the number of (selected) cells to take from the top.
         progress: show a progress bar.
         straighten: turn slanted crops upright (see :func:`upright`).
+        clean: erase neighbours' pieces and stretch pale chromosomes (raw bounding boxes from
+            another laboratory; see :func:`prepare_crops`).
         layout: ``standard`` or ``compact`` (thin gaps, no numbers; then a ``layout`` column is added).
 
     Returns:
@@ -298,11 +426,11 @@ def assemble_cells(cells_dir, out_dir, size=DEFAULT_SIZE, include_uncertain=Fals
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for row in _cells_iterator(rows, progress, "assemble karyograms"):
-            image, n, _ = assemble_cell(cells_dir, row["cell"], size, straighten, layout)
+            image, n, _ = assemble_cell(cells_dir, row["cell"], size, straighten, clean, layout)
             if n != int(row["n_chromosomes"]):
                 raise ManifestError(f"{cells_dir / 'cells' / row['cell']}: {n} crops, but "
                                     f"cells.csv says n_chromosomes={row['n_chromosomes']}")
-            name = _file_name(row["cell"])
+            name = safe_file_name(row["cell"])
             if name in names:
                 raise ManifestError(f"cell id {row['cell']} clashes with another as a file name")
             names.add(name)
@@ -353,7 +481,7 @@ def chromosome_manifest(cells_dir, out_dir, size=None, cells=None, progress=True
     out_rows = []
     with atomic_dir(out_dir) as tmp:
         for row in _cells_iterator(rows, progress, "copy chromosomes"):
-            folder = _file_name(row["cell"])
+            folder = safe_file_name(row["cell"])
             (tmp / "images" / folder).mkdir(parents=True, exist_ok=True)
             for slot, files in cell_crops(cells_dir, row["cell"]).items():
                 for i, path in enumerate(files):

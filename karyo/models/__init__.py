@@ -13,7 +13,7 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['backbones', 'detector', 'features', 'layers', 'network', 'saving', 'unfreeze', 'weights'],
+    submodules=['backbones', 'detector', 'explain', 'features', 'layers', 'network', 'saving', 'unfreeze', 'weights'],
     submod_attrs={
         'backbones': [
             'Block', 'Backbone', 'list_backbones', 'get_backbone', 'check_image_size', 'BlockSpan', 'layer_graph',
@@ -24,6 +24,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'Detector', 'build_slot_head', 'fit_detector', 'combine_slots', 'calibrate_decision', 'predict_passes',
             'save_detector', 'load_detector', 'predict_karyograms', 'write_slot_probabilities',
         ],
+        'explain': ['slot_evidence', 'homolog_ratios', 'slot_reasons'],
         'features': [
             'image_digest', 'model_fingerprint', 'cache_key', 'read_entry', 'entry_bytes', 'cached_features',
             'default_cache_dir',

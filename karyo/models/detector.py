@@ -427,7 +427,7 @@ def load_detector(run_dir):
 # --- prediction on image files -------------------------------------------------------------------
 
 def predict_karyograms(detector, paths, labels=None, out=None, T=DEFAULT_PASSES,
-                       threshold=DEFAULT_THRESHOLD, seed=None):
+                       threshold=DEFAULT_THRESHOLD, seed=None, readings=None):
     """Read, score and summarise karyogram images; optionally write ``predictions.csv`` and slot CSV.
 
     Args:
@@ -440,6 +440,8 @@ def predict_karyograms(detector, paths, labels=None, out=None, T=DEFAULT_PASSES,
         T: MC Dropout passes (the thesis' 100).
         threshold: refer below this confidence (the thesis' 0.8).
         seed: rewind the dropout masks (reproducible passes).
+        readings: the karyograms' compact readings (:func:`compact`) when the caller read them
+            already (e.g. from arrays); ``paths`` then only name the rows.
 
     Returns:
         ``(rows of predictions.csv, (N, 24) mean slot probabilities)``.
@@ -447,7 +449,8 @@ def predict_karyograms(detector, paths, labels=None, out=None, T=DEFAULT_PASSES,
     Raises:
         KaryoError: an image cannot be read (one line naming the file).
     """
-    readings = [compact(read_slots(p)) for p in paths]
+    if readings is None:
+        readings = [compact(read_slots(p)) for p in paths]
     slot_probs, probs = predict_passes(detector, readings, T=T, seed=seed)
     summary = summarize_passes(probs, threshold=threshold, decision=detector.decision)
     counts = [";".join(f"{s}:{len(r[s])}" for s in SLOTS if count_deviations(_counts(r))[s]) for r in readings]
