@@ -15,6 +15,11 @@ to work, batch sizes of 16 or 32 to be best and 512 or more to run out of GPU me
 * ``space="extended"`` also searches how many of the backbone's last blocks to fine-tune
   (:func:`unfreeze_choices`) and the head's dropout rate: choosing what to fine-tune by search,
   as BioTune argues, instead of fixing it by hand as the thesis did in 4.3.
+* ``space="biotune"`` searches BioTune's genome: a gene per block and a threshold gene choose
+  which blocks fine-tune (any subset) and each one's learning rate
+  (:mod:`karyo.models.selective`); its default oracle is a genetic algorithm
+  (``oracle="evolution"``, :class:`karyo.experiments.tuner.EvolutionOracle`), which shares the
+  Bayesian oracle's resume, failed-trial and distributed machinery. docs/biotune.md.
 * A trial trains what ``karyo train`` would train with its hyperparameters, on the training
   split, and scores it on the validation split (the test split is never touched): the head on
   the frozen backbone's pooled features, which are computed once and cached on disk
@@ -24,12 +29,14 @@ to work, batch sizes of 16 or 32 to be best and 512 or more to run out of GPU me
   frozen part. Each trial starts from the same seeded initialisation, so trials differ only by
   their hyperparameters. Models are not kept: retrain the best with ``karyo train``.
 
-Outputs in ``out_dir``: ``trials.csv`` (one row per trial: its hyperparameters, best-epoch
-validation loss and accuracy, status, seconds, the worker that ran it and, for a failed trial,
-its error), ``best.json`` (the hyperparameters as ``karyo train --hyperparameters`` reads them,
-under ``"hyperparameters"``), ``figures/val_loss_vs_lr.png`` and
-``figures/val_loss_vs_batch_size.png`` (and, for the extended space, ``val_loss_vs_dropout.png``
-and ``val_loss_vs_unfreeze.png``), ``search.json`` (the settings the search was started with)
+Outputs in ``out_dir``: ``trials.csv`` (one row per trial: its hyperparameters, the blocks it
+fine-tuned and their rates, best-epoch validation loss and accuracy, status, seconds, the worker
+that ran it and, for a failed trial, its error), ``best.json`` (the hyperparameters as ``karyo
+train --hyperparameters`` reads them, under ``"hyperparameters"``; the best trial's blocks and
+rates), ``figures/val_loss_vs_lr.png`` and ``figures/val_loss_vs_batch_size.png`` (and, for the
+extended space, ``val_loss_vs_dropout.png`` and ``val_loss_vs_unfreeze.png``; for the biotune
+space ``val_loss_vs_n_trained.png`` instead; for both, ``block_rates.png``: the best trials'
+blocks and rates beside the thesis' fixed recipes), ``search.json`` (the settings the search was started with)
 and keras-tuner's own project in ``out_dir/keras_tuner``.
 
 Resuming. Rerunning :func:`tune` with the same arguments continues the search (keras-tuner's
