@@ -92,6 +92,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the retrained recipes")
     parser.add_argument("--mc", type=int, default=30, help="MC Dropout passes for the test AUC (30)")
     parser.add_argument("--cache", type=Path, help="feature cache (default $KARYO_CACHE)")
+    parser.add_argument("--bayesian-biotune", action="store_true",
+                        help="also search the biotune space with the Bayesian oracle (same budget)")
     args = parser.parse_args()
 
     from karyo.experiments.figures import plot_block_rates
@@ -104,16 +106,19 @@ def main():
     cache = args.cache or default_cache_dir()
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "searches": {}}
     best = {}
-    for space in ("biotune", "extended"):
+    searches = [("biotune", "biotune", "evolution"), ("extended", "extended", "bayesian")]
+    if args.bayesian_biotune:
+        searches.append(("biotune-bayesian", "biotune", "bayesian"))
+    for name, space, oracle in searches:
         started = time.time()
-        best[space] = tune(args.data, args.work / space, backbone="vgg16", max_trials=args.trials,
-                           epochs=args.epochs, image_size=args.image_size, weights=args.weights, space=space,
-                           seed=0, cache_dir=cache, augmented=False, progress=False)
-        trials = json.loads((args.work / space / "best.json").read_text())
-        results["searches"][space] = {
+        best[name] = tune(args.data, args.work / name, backbone="vgg16", max_trials=args.trials,
+                          epochs=args.epochs, image_size=args.image_size, weights=args.weights, space=space,
+                          seed=0, cache_dir=cache, augmented=False, progress=False, oracle=oracle)
+        trials = json.loads((args.work / name / "best.json").read_text())
+        results["searches"][name] = {
             "wall_seconds_this_call": round(time.time() - started, 1), "oracle": trials["oracle"],
             "best": {k: trials[k] for k in ("hyperparameters", "block_rates", "val_loss", "trial_id")}}
-        print(f"{space}: {results['searches'][space]}", flush=True)
+        print(f"{name}: {results['searches'][name]}", flush=True)
 
     ext = best["extended"]["hyperparameters"]
     recipes = {
@@ -127,6 +132,9 @@ def main():
         "best biotune": ("biotune", genes_for(
             fixed_recipe("vgg16", 0, BASE) | best["biotune"]["block_rates"], BASE)),
     }
+    if args.bayesian_biotune:
+        recipes["best biotune (bayesian oracle)"] = ("biotune", genes_for(
+            fixed_recipe("vgg16", 0, BASE) | best["biotune-bayesian"]["block_rates"], BASE))
     data, weights_arg, key = load_split(args.data, args.image_size, args.work, args.weights, cache)
     results["test"] = {name: {} for name in recipes}
     for name, (space, values) in recipes.items():
