@@ -284,3 +284,24 @@ def test_the_block_rates_figure_draws_the_thesis_recipes_beside_a_search(tmp_pat
     recipes.append(("a genome", biotune_configuration([0.9, 0.1, 0.7, 0.1, 0.6], 0.5, "vgg16", BASE)))
     out = plot_block_rates(recipes, [f"block{k}" for k in range(1, 6)], tmp_path / "rates.png", base_lr=BASE)
     assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(out).stat().st_size > 5000
+
+
+def test_karyo_tune_passes_the_space_and_oracle_and_prints_the_chosen_blocks(monkeypatch, tmp_path, capsys):
+    import karyo.experiments.tuning as tuning
+    from karyo.cli import main
+
+    seen = {}
+
+    def fake_tune(data, out, **kwargs):
+        seen.update(kwargs)
+        return {"hyperparameters": {"lr": 1e-3}, "block_rates": {"block2": 2.5e-05, "block4": 1e-05},
+                "val_loss": 0.5, "completed_trials": 3}
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    assert main(["tune", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--space", "biotune"]) == 0
+    assert seen["space"] == "biotune" and seen["oracle"] is None  # None: the space's default, evolution
+    assert "block2 at 2.5e-05, block4 at 1e-05" in capsys.readouterr().out
+    main(["tune", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--space", "biotune",
+          "--oracle", "bayesian"])
+    assert seen["oracle"] == "bayesian"
+    assert tuning.default_oracle("biotune") == "evolution" and tuning.default_oracle("extended") == "bayesian"
