@@ -155,7 +155,7 @@ def test_biotune_trials_train_their_blocks_only_and_share_the_cache_by_cut_point
 # ------------------------------------------------------------------------------ the evolutionary oracle
 
 
-def _oracle(directory, population_size=4):
+def _oracle(directory, population_size=4, **kwargs):
     import keras_tuner
 
     from karyo.experiments.tuner import EvolutionOracle
@@ -165,7 +165,7 @@ def _oracle(directory, population_size=4):
         hp.Float(f"gene_block{k + 1}", 0.0, 1.0)
     hp.Float("threshold", 0.0, 1.0)
     oracle = EvolutionOracle(objective=keras_tuner.Objective("val_loss", direction="min"), max_trials=40,
-                             hyperparameters=hp, seed=7, population_size=population_size)
+                             hyperparameters=hp, seed=7, population_size=population_size, **kwargs)
     oracle._set_project_dir(str(directory), "search")  # what keras-tuner's Tuner does with its oracle
     return oracle
 
@@ -175,13 +175,13 @@ def _fitness(values):
     return float(sum((v - 0.8) ** 2 for v in values.values()))
 
 
-def _run(oracle, n, tuner_id="tuner0"):
+def _run(oracle, n, tuner_id="tuner0", fitness=_fitness):
     from keras_tuner.engine.trial import TrialStatus
 
     ran = []
     for _ in range(n):
         trial = oracle.create_trial(tuner_id)
-        oracle.update_trial(trial.trial_id, {"val_loss": _fitness(trial.hyperparameters.values)})
+        oracle.update_trial(trial.trial_id, {"val_loss": fitness(trial.hyperparameters.values)})
         trial.status = TrialStatus.COMPLETED
         oracle.end_trial(trial)
         ran.append((trial.trial_id, dict(trial.hyperparameters.values)))
@@ -216,6 +216,22 @@ def test_evolution_breeds_from_the_best_and_resumes_after_a_kill_with_the_same_p
     rest = _run(resumed, 4)
     assert [(t, pytest.approx(v)) for t, v in expected[8:]] == rest
     assert resumed.get_state()["evolution"] == uninterrupted.get_state()["evolution"]
+
+
+def test_evolution_never_runs_two_genomes_that_train_the_same_blocks_at_the_same_rates(tmp_path):
+    import functools
+
+    from karyo.experiments.tuning import trial_phenotype
+
+    def head_is_best(values):  # a high threshold scores best: evolution drifts to "no block trains"
+        return 1.0 - values["threshold"]
+
+    phenotype = functools.partial(trial_phenotype, backbone="vgg16", fine_tune_lr=BASE)
+    plain = [phenotype(v) for _, v in _run(_oracle(tmp_path / "plain"), 16, fitness=head_is_best)]
+    assert plain.count(()) >= 3  # the head alone, trained again and again
+    ran = _run(_oracle(tmp_path / "a", phenotype=phenotype), 16, fitness=head_is_best)
+    phenotypes = [phenotype(v) for _, v in ran]
+    assert len(set(phenotypes)) == 16 and phenotypes.count(()) == 1
 
 
 # ------------------------------------------------------------------------------ the search

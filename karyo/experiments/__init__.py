@@ -68,6 +68,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'search_role', 'check_search_extras', 'trial_record_path', 'trial_order', 'one_line', 'ResumableOracle',
             'SearchOracle', 'EvolutionOracle', 'SearchTuner', 'SearchFailed',
         ],
-        'tuning': ['default_oracle', 'trial_blocks', 'describe_blocks', 'read_trials', 'thesis_recipes', 'tune'],
+        'tuning': [
+            'default_oracle', 'trial_blocks', 'trial_phenotype', 'describe_blocks', 'read_trials', 'thesis_recipes',
+            'tune',
+        ],
     },
 )

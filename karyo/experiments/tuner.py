@@ -173,14 +173,19 @@ class EvolutionOracle(ResumableOracle, keras_tuner.Oracle):
     of ``mutation_scale``, kept in [0, 1]. One child per trial (a steady-state GA), so a trial
     never waits for a generation to finish, alone or in a distributed search.
 
+    ``phenotype`` (optional) maps a trial's values to what the trial actually trains: genomes
+    with the same phenotype (BioTune's genomes in which no gene exceeds the threshold all train
+    the head alone) are bred again instead of being run twice.
+
     The population, the generation (children bred // ``population_size``), the random
     generator's state and each trial's parents are in the oracle's state: a search killed and
     resumed breeds the same children as one never interrupted.
     """
 
     def __init__(self, *args, population_size=6, tournament=2, mutation_rate=None, mutation_scale=0.2,
-                 **kwargs):
+                 phenotype=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.phenotype = phenotype
         self.population_size, self.tournament = int(population_size), int(tournament)
         self.mutation_rate, self.mutation_scale = mutation_rate, float(mutation_scale)
         self.evolution = {"population": [], "generation": 0, "bred": 0, "parents": {},
@@ -208,6 +213,9 @@ class EvolutionOracle(ResumableOracle, keras_tuner.Oracle):
         genes = self._genes()
         population = self.evolution["population"]
         parents = []
+        seen = set()
+        if self.phenotype is not None:
+            seen = {self.phenotype(t.hyperparameters.values) for t in self.trials.values() if t.trial_id != trial_id}
         for _ in range(100):  # a child that repeats an earlier trial is bred again
             if trial_order(trial_id)[1] < self.population_size or len(population) < 2:
                 unit = {hp.name: float(rng.random()) for hp in genes}
@@ -222,7 +230,7 @@ class EvolutionOracle(ResumableOracle, keras_tuner.Oracle):
                         gene += rng.normal(0.0, self.mutation_scale)
                     unit[hp.name] = float(np.clip(gene, 0.0, 1.0))
             values = {hp.name: hp.prob_to_value(unit[hp.name]) for hp in genes}
-            if not self._duplicate(values):
+            if not self._duplicate(values) and (self.phenotype is None or self.phenotype(values) not in seen):
                 break
         else:
             return {"status": TrialStatus.STOPPED, "values": None}

@@ -82,6 +82,7 @@ Example:
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -143,6 +144,12 @@ def trial_blocks(values, space, backbone, fine_tune_lr):
     if space == "biotune":
         return trial_configuration(values, backbone, fine_tune_lr)
     return fixed_recipe(backbone, values.get("unfreeze") or 0, fine_tune_lr)
+
+
+def trial_phenotype(values, backbone, fine_tune_lr):
+    """What a biotune trial trains, as a hashable value: its blocks and their rates (3 digits)."""
+    configuration = trial_configuration(values, backbone, fine_tune_lr)
+    return tuple((b, float(f"{r:.3g}")) for b, r in configuration.items() if r is not None)
 
 
 def describe_blocks(configuration):
@@ -433,7 +440,12 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         weights_arg, weights_used, _ = starting_weights(weights, backbone, int(image_size))
         cache_key = [backbone, weights_identity(weights_used, weights_arg, seed), int(image_size)]
 
-    extra = {"population_size": POPULATION_SIZE} if oracle == "evolution" else {}
+    extra = {}
+    if oracle == "evolution":
+        extra = {"population_size": POPULATION_SIZE}
+        if space == "biotune":
+            extra["phenotype"] = functools.partial(trial_phenotype, backbone=backbone,
+                                                   fine_tune_lr=FINE_TUNE_LEARNING_RATE)
     searcher = (EvolutionOracle if oracle == "evolution" else SearchOracle)(
         objective=keras_tuner.Objective("val_loss", direction="min"), max_trials=int(max_trials),
         # keras-tuner reads seed 0 as "no seed": shift it.
