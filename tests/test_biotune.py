@@ -253,6 +253,7 @@ def manifest(tmp_path_factory):
     return root / "manifest.csv"
 
 
+@pytest.mark.slow  # 26-35 s on 2 loaded cores: three trials, each building VGG16 and compiling
 def test_a_tiny_biotune_search_reports_each_trials_blocks_and_rates(manifest, tmp_path):
     from karyo.experiments.tuning import read_trials, tune
 
