@@ -517,13 +517,16 @@ def cmd_tune(args):
     best = tune(args.data, args.out, backbone=args.backbone, max_trials=args.max_trials,
                 epochs=args.epochs, image_size=args.image_size, weights=args.weights,
                 space=args.space, seed=args.seed, root=args.root, cache_dir=args.cache,
-                overwrite=args.overwrite, protocol=args.split, verbose=1 if args.verbose else 0)
+                overwrite=args.overwrite, protocol=args.split, verbose=1 if args.verbose else 0,
+                oracle=args.oracle)
     if best.get("role") == "worker":
         print(f"worker {best.get('tuner_id')} ran {best.get('completed_trials', 0)} trial(s) "
               f"({best.get('failed_trials', 0)} failed); the chief writes {Path(args.out) / 'best.json'}")
         return 0
     hp = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                    for k, v in best["hyperparameters"].items())
+    if args.space == "biotune":
+        hp = ", ".join(f"{b} at {r:.2g}" for b, r in best["block_rates"].items()) or "no block (the head only)"
     print(f"best of {best.get('completed_trials', '?')} trials: {hp} (val loss {best['val_loss']:.4f})")
     print(f"wrote {Path(args.out) / 'best.json'}; use it with: karyo train EXPERIMENT --hyperparameters "
           f"{Path(args.out) / 'best.json'} ...")
@@ -537,7 +540,8 @@ def add_tune_command(sub):
         "batch size, objective validation loss, as in thesis section 3.2 (which chose lr 1e-3 and "
         "batch 16). Trials on a frozen backbone train the head on cached features. Rerunning the "
         "same command resumes the search; --overwrite starts afresh. Writes DIR/trials.csv, "
-        "DIR/best.json and the thesis' figures in DIR/figures. For a distributed search, see the "
+        "DIR/best.json and the thesis' figures in DIR/figures. --space biotune searches which blocks to "
+        "fine-tune and at which rates, as BioTune does (docs/biotune.md). For a distributed search, see the "
         "README (keras-tuner's chief/worker environment variables).",
     )
     p.add_argument("--data", required=True, type=Path, help="manifest CSV (labels normal/abnormal)")
@@ -548,8 +552,14 @@ def add_tune_command(sub):
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs per trial (10)")
     p.add_argument("--image-size", type=_positive_int, default=416, help="input side in pixels (416)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | auto | chromosome | weights file")
-    p.add_argument("--space", choices=("thesis", "extended"), default="thesis",
-                   help="thesis: lr and batch size; extended: also unfrozen blocks and dropout")
+    p.add_argument("--space", choices=("thesis", "extended", "biotune"), default="thesis",
+                   help="thesis: lr and batch size; extended: also unfrozen blocks and dropout; biotune: "
+                   "BioTune's genome, one gene per backbone block and a threshold gene: any subset of "
+                   "blocks fine-tunes (gene > threshold), each at 1e-5 * 10^(2(gene - 0.5)), after the head")
+    p.add_argument("--oracle", choices=("bayesian", "evolution"),
+                   help="how trials are chosen: bayesian (keras-tuner's Gaussian process) or evolution (a "
+                   "genetic algorithm, as BioTune: 6 random trials, then children of the best 6 by "
+                   "crossover and mutation). Default: evolution for --space biotune, bayesian otherwise")
     p.add_argument("--split", choices=("grouped", "thesis"), default="grouped", help="split protocol")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--cache", type=Path, help="feature cache folder")

@@ -39,7 +39,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'figures': [
             'plot_training_curves', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_reliability_diagram',
             'plot_risk_coverage', 'plot_confidence_histogram', 'plot_tuning_scatter', 'plot_explanation',
-            'plot_gallery',
+            'plot_gallery', 'plot_block_rates',
         ],
         'fit': [
             'distribution_strategy', 'strategy_scope', 'strategy_summary', 'FitConfig', 'two_phase_fit',
@@ -47,8 +47,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'read_history', 'write_history',
         ],
         'hypermodel': [
-            'batch_size_choices', 'unfreeze_choices', 'unfreeze_value', 'compile_trial', 'fit_trial',
-            'KaryogramHyperModel',
+            'gene_name', 'trial_configuration', 'batch_size_choices', 'unfreeze_choices', 'unfreeze_value',
+            'compile_trial', 'fit_trial', 'KaryogramHyperModel',
         ],
         'pretrain': [
             'build_classifier', 'he_initialise', 'cell_scale', 'present', 'real_chromosomes', 'pretrain',
@@ -68,9 +68,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'cross_stain',
         ],
         'tuner': [
-            'search_role', 'check_search_extras', 'trial_record_path', 'trial_order', 'one_line', 'SearchOracle',
-            'SearchTuner', 'SearchFailed',
+            'search_role', 'check_search_extras', 'trial_record_path', 'trial_order', 'one_line', 'ResumableOracle',
+            'SearchOracle', 'EvolutionOracle', 'SearchTuner', 'SearchFailed',
         ],
-        'tuning': ['read_trials', 'tune'],
+        'tuning': [
+            'default_oracle', 'trial_blocks', 'trial_phenotype', 'describe_blocks', 'read_trials', 'thesis_recipes',
+            'tune',
+        ],
     },
 )

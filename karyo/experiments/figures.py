@@ -455,3 +455,44 @@ def plot_gallery(rows, out, title=None, thumb=1.9):
     if title:
         fig.suptitle(title, fontsize="medium")
     return _save(fig, out)
+
+
+def plot_block_rates(recipes, blocks, out, base_lr=None, title=None):
+    """Which blocks each fine-tuning recipe trains, and at which learning rate (a heat map).
+
+    One row per recipe (e.g. the thesis' fixed ones beside a search's best trials), one column per
+    block; a trained block's cell is coloured by log10 of its rate and labelled with it, a frozen
+    block's cell is left white.
+
+    Args:
+        recipes: ``[(label, {block: rate or None})]``, drawn top to bottom.
+        blocks: the backbone's block names, input to output.
+        out: the PNG to write.
+        base_lr: the base rate, named in the title (the head trains at it).
+    """
+    from matplotlib.colors import Normalize
+
+    if not recipes:
+        raise ValueError("block_rates: no recipe to draw")
+    rates = np.array([[np.nan if (r := config.get(b)) is None else math.log10(r) for b in blocks]
+                      for _, config in recipes], dtype=np.float64)
+    shown = rates[np.isfinite(rates)]
+    low, high = (shown.min(), shown.max()) if shown.size else (-6.0, -4.0)
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    width = max(4.0, 0.55 * len(blocks) + 2.5)
+    fig, ax = _figure(figsize=(width, max(2.0, 0.5 * len(recipes) + 1.4)))
+    image = ax.imshow(np.ma.masked_invalid(rates), cmap="viridis", norm=Normalize(low, high), aspect="auto")
+    for i, j in zip(*np.nonzero(np.isfinite(rates))):
+        ax.text(j, i, f"{10 ** rates[i, j]:.0e}", ha="center", va="center", fontsize="x-small",
+                color="white" if rates[i, j] < (low + high) / 2 else "black")
+    ax.set_xticks(range(len(blocks)), blocks, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(range(len(recipes)), [label for label, _ in recipes], fontsize="small")
+    ax.set_xticks(np.arange(len(blocks) + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(len(recipes) + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="lightgray", linewidth=0.5)
+    ax.tick_params(which="minor", length=0)
+    fig.colorbar(image, ax=ax, label="log10 learning rate")
+    note = f"white: frozen; the head trains at {base_lr:.0e}" if base_lr else "white: frozen"
+    ax.set_title(f"{title or 'Fine-tuned blocks and their learning rates'}\n{note}", fontsize="medium")
+    return _save(fig, out)

@@ -2,8 +2,10 @@
 
 ``KaryogramHyperModel.build(hp)`` declares the learning rate (log-uniform) and the batch size
 (powers of two, applied in ``fit``, as keras-tuner's guide does), and for ``space="extended"``
-the number of unfrozen blocks and the dropout rate. ``fit(hp, model)`` trains what ``karyo train``
-would train with those values, on the cached features of the frozen part, and returns the best
+the number of unfrozen blocks and the dropout rate; ``space="biotune"`` declares BioTune's genome
+instead (one gene per block and a threshold gene, :mod:`karyo.models.selective`): any subset of
+blocks fine-tuned, each at its own rate. ``fit(hp, model)`` trains what ``karyo train`` would
+train with those values, on the cached features of the frozen part, and returns the best
 epoch's validation loss and accuracy. :mod:`karyo.experiments.tuning` runs the search.
 """
 
@@ -21,6 +23,7 @@ from karyo.experiments.fit import epoch_seeding
 from karyo.models.backbones import get_backbone
 from karyo.models.features import cached_features
 from karyo.models.network import build_head, build_model, split_model
+from karyo.models.selective import biotune_configuration, first_trained_block, scaled_optimizer, train_blocks
 from karyo.models.unfreeze import unfreeze_blocks
 
 #: The batch sizes the thesis' search could choose from (3.2: 16 or 32 best, 512 out of memory).
@@ -31,6 +34,21 @@ LR_RANGE = (1e-5, 1e-1)
 THESIS_LR, THESIS_BATCH_SIZE = thesis.LEARNING_RATE, thesis.BATCH_SIZE
 #: Dropout rates the extended space searches (both MCDropout layers of the head share one).
 DROPOUT_RANGE = (0.1, 0.7, 0.1)
+#: The search spaces: the thesis' (3.2), with the blocks and dropout too, and BioTune's genome.
+SPACES = ("thesis", "extended", "biotune")
+#: The threshold gene's name in the biotune space (each block's gene is ``gene_<block>``).
+THRESHOLD_GENE = "threshold"
+
+
+def gene_name(block):
+    """The biotune space's hyperparameter for ``block``: ``gene_<block>``."""
+    return f"gene_{block}"
+
+
+def trial_configuration(values, backbone, base_lr):
+    """A biotune trial's ``{block: learning rate or None}`` from its hyperparameter values."""
+    genes = {b: values[gene_name(b)] for b in get_backbone(backbone).block_names()}
+    return biotune_configuration(genes, values[THRESHOLD_GENE], backbone, base_lr)
 
 
 def batch_size_choices(n_train):
@@ -62,20 +80,24 @@ def unfreeze_value(k, backbone):
     return "all" if k and k == len(get_backbone(backbone).blocks) else int(k)
 
 
-def compile_trial(model, lr):
-    """Adam at ``lr``, binary cross-entropy, accuracy: the metrics of thesis Figs. 3.3 / 3.4."""
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss="binary_crossentropy",
+def compile_trial(model, lr, optimizer=None):
+    """Adam at ``lr`` (or ``optimizer``), binary cross-entropy, accuracy: the metrics of thesis
+    Figs. 3.3 / 3.4."""
+    optimizer = optimizer if optimizer is not None else keras.optimizers.Adam(learning_rate=lr)
+    model.compile(optimizer=optimizer, loss="binary_crossentropy",
                   metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
     return model
 
 
 def fit_trial(model, x_train, y_train, x_val, y_val, lr, batch_size, epochs, seed, verbose,
-              stream="trial"):
+              stream="trial", optimizer=None):
     """Fit ``model`` for ``epochs``; return its best epoch's metrics (lowest validation loss).
+
+    ``optimizer`` replaces Adam at ``lr`` (the biotune space's per-block rates).
 
     Each epoch's order and dropout masks are drawn from (seed, ``stream``, epoch) alone
     (``karyo.experiments.fit.epoch_seeding``): a trial run again after a kill scores the same."""
-    compile_trial(model, lr)
+    compile_trial(model, lr, optimizer)
     seeding = epoch_seeding(seed, stream)
     train = make_dataset(x_train, y_train.astype("float32"), batch_size, shuffle=True,
                          seed=seeding.data_seed, first_epoch=0)
@@ -111,6 +133,7 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         self.input_dim, self.cache_dir = int(input_dim), cache_dir
         self.dense_units, self.dropout, self.fine_tune_lr = dense_units, dropout, fine_tune_lr
         self.unfreeze = unfreeze_choices(backbone) if space == "extended" else [0]
+        self.blocks = get_backbone(backbone).block_names()
         self.progress = progress
 
     def values(self, hp):
@@ -119,11 +142,17 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         default_lr = THESIS_LR if low <= THESIS_LR <= high else math.sqrt(low * high)
         default_batch = THESIS_BATCH_SIZE if THESIS_BATCH_SIZE in self.batch_sizes \
             else self.batch_sizes[0]
-        values = {
-            "lr": hp.Float("lr", low, high, sampling="log", default=default_lr),
-            "batch_size": hp.Choice("batch_size", self.batch_sizes, default=default_batch),
-            "dropout": self.dropout, "unfreeze": 0, "dense_units": self.dense_units,
-        }
+        values = {"dropout": self.dropout, "unfreeze": 0, "dense_units": self.dense_units}
+        if self.space == "biotune":
+            # BioTune's genome only: the head phase keeps the thesis' rate and batch size, so
+            # trials differ by which blocks train and how fast. Defaults: nothing trains.
+            values.update(lr=THESIS_LR, batch_size=default_batch)
+            for block in self.blocks:
+                values[gene_name(block)] = hp.Float(gene_name(block), 0.0, 1.0, default=0.5)
+            values[THRESHOLD_GENE] = hp.Float(THRESHOLD_GENE, 0.0, 1.0, default=1.0)
+            return values
+        values["lr"] = hp.Float("lr", low, high, sampling="log", default=default_lr)
+        values["batch_size"] = hp.Choice("batch_size", self.batch_sizes, default=default_batch)
         if self.space == "extended":
             low_d, high_d, step = DROPOUT_RANGE
             values["unfreeze"] = hp.Choice("unfreeze", self.unfreeze, default=0)
@@ -139,7 +168,7 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         v = self.values(hp)
         keras.utils.set_random_seed(self.seed)
-        if v["unfreeze"] == 0:
+        if v["unfreeze"] == 0 and not self.trains_blocks(v):
             return build_head(self.input_dim, v["dense_units"], v["dropout"], seed=self.seed)
         return build_model(self.backbone, self.image_size, weights=self.weights_arg,
                            dense_units=v["dense_units"], dropout=v["dropout"], seed=self.seed)
@@ -153,7 +182,7 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         v = self.values(hp)
         labels, pooled = data["labels"], data["pooled"]
         y_train, y_val = labels["train"], labels["val"]
-        if v["unfreeze"] == 0:
+        if v["unfreeze"] == 0 and not self.trains_blocks(v):
             return fit_trial(model, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
                              v["batch_size"], self.epochs, self.seed, verbose)
         # As ``karyo train`` does: the head on the pooled features first, then the last
@@ -161,15 +190,34 @@ class KaryogramHyperModel(keras_tuner.HyperModel):
         _, head = split_model(model, 0)
         fit_trial(head, pooled["train"], y_train, pooled["val"], y_val, v["lr"],
                   v["batch_size"], self.epochs, self.seed, verbose)
-        k = v["unfreeze"]
-        unfreeze_blocks(model, k)
+        optimizer = None
+        if self.space == "biotune":
+            # The chosen blocks (any subset) at their own rates, the head at the base rate;
+            # everything from the first chosen block on runs, the part before it is cached.
+            configuration = trial_configuration(v, self.backbone, self.fine_tune_lr)
+            k = len(self.blocks) - first_trained_block(configuration)
+            variables = train_blocks(model, [b for b, rate in configuration.items() if rate is not None])
+            ratios = [(var, configuration[b] / self.fine_tune_lr) for b, vs in variables.items() for var in vs]
+            optimizer = scaled_optimizer(keras.optimizers.Adam(learning_rate=self.fine_tune_lr), ratios)
+        else:
+            k = v["unfreeze"]
+            unfreeze_blocks(model, k)
         frozen, trainable = split_model(model, k)
         images = data["images"]
-        if frozen is None:  # every block unfrozen: the network trains on the images
+        if frozen is None:  # the first block trains: the network trains on the images
             x = {p: images[p].astype("float32") for p in ("train", "val")}
         else:
+            # Keyed by the cut point alone: trials (of any space) that cut there share it.
             key = self.cache_key + [f"unfreeze{k}"]
             x = {p: cached_features(frozen, images[p], key, self.cache_dir, progress=self.progress)
                  for p in ("train", "val")}
         return fit_trial(trainable, x["train"], y_train, x["val"], y_val, self.fine_tune_lr,
-                         v["batch_size"], self.epochs, self.seed, verbose, stream="fine_tune")
+                         v["batch_size"], self.epochs, self.seed, verbose, stream="fine_tune",
+                         optimizer=optimizer)
+
+    def trains_blocks(self, values):
+        """True if a biotune trial's genome trains at least one block."""
+        if self.space != "biotune":
+            return False
+        configuration = trial_configuration(values, self.backbone, self.fine_tune_lr)
+        return first_trained_block(configuration) is not None

@@ -1,9 +1,12 @@
-"""keras-tuner's Bayesian oracle and tuner, with what karyo's searches need on top.
+"""keras-tuner's Bayesian oracle, an evolutionary one, and the tuner, with what karyo's searches need on top.
 
-* ``SearchOracle``: state files written atomically; a resume repaired where a kill between two
-  writes left the oracle and a trial disagreeing; the Gaussian process' restart points drawn from
-  (seed, trial number), so a resumed search chooses what an uninterrupted one would; the worker and
-  the seconds of every trial kept in its state.
+* ``ResumableOracle`` (shared by both oracles): state files written atomically; a resume repaired
+  where a kill between two writes left the oracle and a trial disagreeing; the worker and the
+  seconds of every trial kept in its state.
+* ``SearchOracle``: keras-tuner's Bayesian oracle with that, its Gaussian process' restart points
+  drawn from (seed, trial number), so a resumed search chooses what an uninterrupted one would.
+* ``EvolutionOracle``: a genetic algorithm (BioTune's search), with that, its population and random
+  generator in its state.
 * ``SearchTuner``: each trial's error recorded where a distributed search's chief can read it, a
   failed trial shown in one line, and the fail-fast rule (the first trials all failed: a broken
   setup, not a bad value) raised as keras-tuner's own ``FatalError``.
@@ -85,9 +88,10 @@ def one_line(exc_or_text):
     return " ".join(text.split())[:500]
 
 
-class SearchOracle(keras_tuner.oracles.BayesianOptimizationOracle):
-    """keras-tuner's Bayesian oracle, with atomic state files, a repaired resume, and the
-    worker and the wall-clock seconds of every trial recorded in its state."""
+class ResumableOracle:
+    """What karyo adds to a keras-tuner oracle, shared by :class:`SearchOracle` and
+    :class:`EvolutionOracle` (put it first among the bases): atomic state files, a repaired
+    resume, and the worker and the wall-clock seconds of every trial recorded in its state."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -125,14 +129,6 @@ class SearchOracle(keras_tuner.oracles.BayesianOptimizationOracle):
         path = Path(self._get_trial_dir(trial.trial_id)) / "trial.json"
         atomic_write_text(path, json.dumps(trial.get_state()))
 
-    def populate_space(self, trial_id):
-        # keras-tuner draws the Gaussian process' restart points from a RandomState it does
-        # not save: a resumed search would draw them anew from the seed and choose other
-        # values than an uninterrupted one. Drawn from (seed, trial number), they do not
-        # depend on whether the search was interrupted.
-        self._random_state = np.random.RandomState([int(self.seed), trial_order(trial_id)[1]])
-        return super().populate_space(trial_id)
-
     def reload(self):
         super().reload()
         # Trials in the order they were created, not the file system's (the Gaussian
@@ -149,6 +145,128 @@ class SearchOracle(keras_tuner.oracles.BayesianOptimizationOracle):
             elif status == TrialStatus.RUNNING and trial_id not in queue:
                 queue.append(trial_id)
         self._retry_queue = queue
+
+
+class SearchOracle(ResumableOracle, keras_tuner.oracles.BayesianOptimizationOracle):
+    """keras-tuner's Bayesian oracle, with atomic state files, a repaired resume, and the
+    worker and the wall-clock seconds of every trial recorded in its state."""
+
+    def populate_space(self, trial_id):
+        # keras-tuner draws the Gaussian process' restart points from a RandomState it does
+        # not save: a resumed search would draw them anew from the seed and choose other
+        # values than an uninterrupted one. Drawn from (seed, trial number), they do not
+        # depend on whether the search was interrupted.
+        self._random_state = np.random.RandomState([int(self.seed), trial_order(trial_id)[1]])
+        return super().populate_space(trial_id)
+
+
+class EvolutionOracle(ResumableOracle, keras_tuner.Oracle):
+    """A genetic algorithm over the search space, as BioTune searches its genome.
+
+    Every hyperparameter is handled as a number in [0, 1] (keras-tuner's own ``value_to_prob`` /
+    ``prob_to_value``; for BioTune's genes it is the gene itself). The first ``population_size``
+    trials are drawn at random. Each later trial is a child: two parents chosen by tournament
+    (the better of ``tournament`` random members) from the population, which is the best
+    ``population_size`` completed trials so far (fitness: the tuner's objective, the validation
+    loss, lower is better; failed trials never enter it); uniform crossover, then each gene
+    mutated with probability ``mutation_rate`` (default one gene per child) by a Gaussian step
+    of ``mutation_scale``, kept in [0, 1]. One child per trial (a steady-state GA), so a trial
+    never waits for a generation to finish, alone or in a distributed search.
+
+    ``phenotype`` (optional) maps a trial's values to what the trial actually trains: genomes
+    with the same phenotype (BioTune's genomes in which no gene exceeds the threshold all train
+    the head alone) are bred again instead of being run twice.
+
+    The population, the generation (children bred // ``population_size``), the random
+    generator's state and each trial's parents are in the oracle's state: a search killed and
+    resumed breeds the same children as one never interrupted.
+    """
+
+    def __init__(self, *args, population_size=6, tournament=2, mutation_rate=None, mutation_scale=0.2,
+                 phenotype=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.phenotype = phenotype
+        self.population_size, self.tournament = int(population_size), int(tournament)
+        self.mutation_rate, self.mutation_scale = mutation_rate, float(mutation_scale)
+        self.evolution = {"population": [], "generation": 0, "bred": 0, "parents": {},
+                          "rng": np.random.default_rng(int(self.seed)).bit_generator.state}
+
+    def _genes(self):
+        return [hp for hp in self.hyperparameters.space]
+
+    def _unit(self, trial):
+        values = trial.hyperparameters.values
+        return {hp.name: float(hp.value_to_prob(values[hp.name])) for hp in self._genes() if hp.name in values}
+
+    def _rank(self):
+        """The population: the best ``population_size`` completed trials (ties: the earlier)."""
+        done = [t for t in self.trials.values() if t.status == TrialStatus.COMPLETED and t.score is not None
+                and np.isfinite(t.score)]
+        sign = 1.0 if self.objective.direction == "min" else -1.0
+        done.sort(key=lambda t: (sign * float(t.score), trial_order(t.trial_id)))
+        return [{"trial_id": t.trial_id, "score": float(t.score), "genes": self._unit(t)}
+                for t in done[:self.population_size]]
+
+    def populate_space(self, trial_id):
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.evolution["rng"]
+        genes = self._genes()
+        population = self.evolution["population"]
+        parents = []
+        seen = set()
+        if self.phenotype is not None:
+            seen = {self.phenotype(t.hyperparameters.values) for t in self.trials.values() if t.trial_id != trial_id}
+        for _ in range(100):  # a child that repeats an earlier trial is bred again
+            if trial_order(trial_id)[1] < self.population_size or len(population) < 2:
+                unit = {hp.name: float(rng.random()) for hp in genes}
+            else:
+                parents = [self._tournament(rng, population) for _ in range(2)]
+                rate = self.mutation_rate if self.mutation_rate is not None else 1.0 / max(1, len(genes))
+                unit = {}
+                for hp in genes:
+                    a, b = (p["genes"].get(hp.name, 0.5) for p in parents)
+                    gene = a if rng.random() < 0.5 else b
+                    if rng.random() < rate:
+                        gene += rng.normal(0.0, self.mutation_scale)
+                    unit[hp.name] = float(np.clip(gene, 0.0, 1.0))
+            values = {hp.name: hp.prob_to_value(unit[hp.name]) for hp in genes}
+            if not self._duplicate(values) and (self.phenotype is None or self.phenotype(values) not in seen):
+                break
+        else:
+            return {"status": TrialStatus.STOPPED, "values": None}
+        if parents:
+            self.evolution["bred"] += 1
+            self.evolution["parents"][trial_id] = [p["trial_id"] for p in parents]
+        self.evolution["generation"] = self.evolution["bred"] // max(1, self.population_size)
+        self.evolution["rng"] = rng.bit_generator.state
+        return {"status": TrialStatus.RUNNING, "values": values}
+
+    def _tournament(self, rng, population):
+        picks = rng.choice(len(population), size=min(self.tournament, len(population)), replace=False)
+        return population[int(min(picks))]  # the population is sorted best first
+
+    @synchronized
+    def end_trial(self, trial):
+        super().end_trial(trial)
+        self.evolution["population"] = self._rank()
+        self.save()
+
+    def get_state(self):
+        return {**super().get_state(), "evolution": self.evolution,
+                "evolution_settings": {"population_size": self.population_size, "tournament": self.tournament,
+                                       "mutation_rate": self.mutation_rate,
+                                       "mutation_scale": self.mutation_scale}}
+
+    def set_state(self, state):
+        super().set_state(state)
+        if state.get("evolution"):
+            self.evolution = state["evolution"]
+
+    def reload(self):
+        super().reload()
+        # A kill between a trial's end and the oracle's save: the population is what the
+        # completed trials say it is.
+        self.evolution["population"] = self._rank()
 
 
 class SearchTuner(keras_tuner.Tuner):

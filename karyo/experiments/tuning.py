@@ -15,6 +15,11 @@ to work, batch sizes of 16 or 32 to be best and 512 or more to run out of GPU me
 * ``space="extended"`` also searches how many of the backbone's last blocks to fine-tune
   (:func:`unfreeze_choices`) and the head's dropout rate: choosing what to fine-tune by search,
   as BioTune argues, instead of fixing it by hand as the thesis did in 4.3.
+* ``space="biotune"`` searches BioTune's genome: a gene per block and a threshold gene choose
+  which blocks fine-tune (any subset) and each one's learning rate
+  (:mod:`karyo.models.selective`); its default oracle is a genetic algorithm
+  (``oracle="evolution"``, :class:`karyo.experiments.tuner.EvolutionOracle`), which shares the
+  Bayesian oracle's resume, failed-trial and distributed machinery. docs/biotune.md.
 * A trial trains what ``karyo train`` would train with its hyperparameters, on the training
   split, and scores it on the validation split (the test split is never touched): the head on
   the frozen backbone's pooled features, which are computed once and cached on disk
@@ -24,12 +29,14 @@ to work, batch sizes of 16 or 32 to be best and 512 or more to run out of GPU me
   frozen part. Each trial starts from the same seeded initialisation, so trials differ only by
   their hyperparameters. Models are not kept: retrain the best with ``karyo train``.
 
-Outputs in ``out_dir``: ``trials.csv`` (one row per trial: its hyperparameters, best-epoch
-validation loss and accuracy, status, seconds, the worker that ran it and, for a failed trial,
-its error), ``best.json`` (the hyperparameters as ``karyo train --hyperparameters`` reads them,
-under ``"hyperparameters"``), ``figures/val_loss_vs_lr.png`` and
-``figures/val_loss_vs_batch_size.png`` (and, for the extended space, ``val_loss_vs_dropout.png``
-and ``val_loss_vs_unfreeze.png``), ``search.json`` (the settings the search was started with)
+Outputs in ``out_dir``: ``trials.csv`` (one row per trial: its hyperparameters, the blocks it
+fine-tuned and their rates, best-epoch validation loss and accuracy, status, seconds, the worker
+that ran it and, for a failed trial, its error), ``best.json`` (the hyperparameters as ``karyo
+train --hyperparameters`` reads them, under ``"hyperparameters"``; the best trial's blocks and
+rates), ``figures/val_loss_vs_lr.png`` and ``figures/val_loss_vs_batch_size.png`` (and, for the
+extended space, ``val_loss_vs_dropout.png`` and ``val_loss_vs_unfreeze.png``; for the biotune
+space ``val_loss_vs_n_trained.png`` instead; for both, ``block_rates.png``: the best trials'
+blocks and rates beside the thesis' fixed recipes), ``search.json`` (the settings the search was started with)
 and keras-tuner's own project in ``out_dir/keras_tuner``.
 
 Resuming. Rerunning :func:`tune` with the same arguments continues the search (keras-tuner's
@@ -75,6 +82,7 @@ Example:
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -90,16 +98,18 @@ from karyo.atomic import atomic_write_text, write_csv
 from karyo.data.manifest import check_run_data, KARYOGRAM_LABELS, sha256_file
 from karyo.data.pipeline import label_indices, load_images
 from karyo.errors import KaryoError
-from karyo.experiments.figures import plot_tuning_scatter
-from karyo.experiments.hypermodel import (batch_size_choices, DROPOUT_RANGE, KaryogramHyperModel, LR_RANGE,
-                                          THESIS_BATCH_SIZE, THESIS_LR, unfreeze_choices, unfreeze_value)
+from karyo.experiments.figures import plot_block_rates, plot_tuning_scatter
+from karyo.experiments.hypermodel import (batch_size_choices, DROPOUT_RANGE, gene_name, KaryogramHyperModel, LR_RANGE,
+                                          SPACES, THESIS_BATCH_SIZE, THESIS_LR, THRESHOLD_GENE, trial_configuration,
+                                          unfreeze_choices, unfreeze_value)
 from karyo.experiments.pretrain import starting_weights
 from karyo.experiments.training import prepare_data
-from karyo.experiments.tuner import (check_search_extras, one_line, search_role, SearchFailed, SearchOracle,
-                                     SearchTuner, trial_order, trial_record_path)
+from karyo.experiments.tuner import (check_search_extras, EvolutionOracle, one_line, search_role, SearchFailed,
+                                     SearchOracle, SearchTuner, trial_order, trial_record_path)
 from karyo.models.backbones import check_image_size, get_backbone
 from karyo.models.features import cached_features, default_cache_dir
 from karyo.models.network import build_backbone, build_model, DEFAULT_DENSE_UNITS, DEFAULT_DROPOUT, split_model
+from karyo.models.selective import fixed_recipe
 from karyo.models.unfreeze import FINE_TUNE_LEARNING_RATE
 from karyo.models.weights import weights_identity
 from karyo.data.leakage import check_leakage
@@ -107,18 +117,49 @@ from karyo.data.leakage import check_leakage
 #: keras-tuner's project folder inside ``out_dir``.
 PROJECT_NAME = "keras_tuner"
 #: trials.csv columns; hyperparameters not searched hold their fixed value.
-TRIAL_COLUMNS = ("trial_id", "lr", "batch_size", "dropout", "unfreeze", "dense_units", "val_loss",
-                 "val_accuracy", "status", "seconds", "tuner", "error")
+TRIAL_COLUMNS = ("trial_id", "lr", "batch_size", "dropout", "unfreeze", "dense_units", "trained_blocks",
+                 "block_rates", "val_loss", "val_accuracy", "status", "seconds", "tuner", "error")
+#: ``--oracle`` choices: keras-tuner's Bayesian optimisation, or the genetic algorithm BioTune uses.
+ORACLES = ("bayesian", "evolution")
+#: Trials of the evolutionary oracle's population (and of its random first generation).
+POPULATION_SIZE = 6
 #: Settings a resumed search must share with the one it continues (``search.json``).
 _SETTING_KEYS = ("manifest_sha256", "backbone", "image_size", "weights", "space", "lr_range",
                  "batch_sizes", "unfreeze_choices", "dropout_range", "dense_units", "epochs",
-                 "fine_tune_lr", "seed", "protocol", "augmented")
+                 "fine_tune_lr", "seed", "protocol", "augmented", "oracle")
 
 
 # ------------------------------------------------------------------------------ results
 
 
-def _trial_rows(oracle, project_dir, fixed):
+def default_oracle(space):
+    """The oracle a space is searched with unless one is named: evolution for ``biotune`` (BioTune's
+    genetic algorithm, whose genome has a gene per block), Bayesian for the thesis' spaces."""
+    return "evolution" if space == "biotune" else "bayesian"
+
+
+def trial_blocks(values, space, backbone, fine_tune_lr):
+    """A trial's fine-tuning recipe ``{block: rate or None}``: its genome's (biotune), its last
+    ``unfreeze`` blocks at ``fine_tune_lr`` (extended), or nothing trained (thesis)."""
+    if space == "biotune":
+        return trial_configuration(values, backbone, fine_tune_lr)
+    return fixed_recipe(backbone, values.get("unfreeze") or 0, fine_tune_lr)
+
+
+def trial_phenotype(values, backbone, fine_tune_lr):
+    """What a biotune trial trains, as a hashable value: its blocks and their rates (3 digits)."""
+    configuration = trial_configuration(values, backbone, fine_tune_lr)
+    return tuple((b, float(f"{r:.3g}")) for b, r in configuration.items() if r is not None)
+
+
+def describe_blocks(configuration):
+    """``(trained_blocks, block_rates)`` as trials.csv writes them: ``block4+block5`` and
+    ``block4=2.51e-05 block5=1e-05`` (empty when nothing trains)."""
+    trained = [(b, r) for b, r in configuration.items() if r is not None]
+    return "+".join(b for b, _ in trained), " ".join(f"{b}={r:.3g}" for b, r in trained)
+
+
+def _trial_rows(oracle, project_dir, fixed, settings):
     """One dict per trial the oracle knows, for trials.csv and best.json."""
     rows = []
     for trial_id in sorted(oracle.trials, key=trial_order):
@@ -142,10 +183,14 @@ def _trial_rows(oracle, project_dir, fixed):
             error = record.get("error") or one_line(trial.message) or (
                 f"failed on worker {tuner or '?'} (its error is in that worker's output)")
         seconds = oracle.karyo["seconds"].get(trial_id, record.get("seconds"))
+        trained, rates = describe_blocks(trial_blocks(values, settings["space"], settings["backbone"],
+                                                      settings["fine_tune_lr"]))
         rows.append({
             "trial_id": trial_id, "lr": values.get("lr"), "batch_size": values.get("batch_size"),
             "dropout": values.get("dropout"), "unfreeze": values.get("unfreeze"),
-            "dense_units": values.get("dense_units"), "val_loss": metric("val_loss"),
+            "dense_units": values.get("dense_units"), "trained_blocks": trained, "block_rates": rates,
+            "configuration": trial_blocks(values, settings["space"], settings["backbone"], settings["fine_tune_lr"]),
+            "val_loss": metric("val_loss"),
             "val_accuracy": metric("val_accuracy"), "status": status, "seconds": seconds,
             "tuner": tuner, "error": error,
         })
@@ -158,21 +203,45 @@ def read_trials(path):
         return list(csv.DictReader(fh))
 
 
-def _write_figures(out_dir, rows, space):
-    """The thesis' Figs. 3.3 / 3.4 (and the extended space's two more), from every trial."""
+def _write_figures(out_dir, rows, settings):
+    """The thesis' Figs. 3.3 / 3.4 (and the extended space's two more), from every trial; for the
+    spaces that choose blocks, the best trials' blocks and rates beside the thesis' fixed recipes."""
 
+    space = settings["space"]
     loss = [r["val_loss"] for r in rows]
     acc = [r["val_accuracy"] for r in rows]
     figures = out_dir / "figures"
     plots = [("lr", "Learning rate", True), ("batch_size", "Batch size", False)]
     if space == "extended":
         plots += [("dropout", "Dropout rate", False), ("unfreeze", "Unfrozen blocks", False)]
+    if space == "biotune":
+        plots = [("n_trained", "Trained blocks", False)]
+        for r in rows:
+            r["n_trained"] = len(r["trained_blocks"].split("+")) if r["trained_blocks"] else 0
     paths = []
     for key, label, log in plots:
         values = [_numeric(r[key]) for r in rows]
         paths.append(plot_tuning_scatter(values, loss, acc, figures / f"val_loss_vs_{key}.png",
                                          label, log=log))
+    if space in ("extended", "biotune"):
+        backbone, lr = settings["backbone"], settings["fine_tune_lr"]
+        ranked = sorted((r for r in rows if r["val_loss"] is not None), key=lambda r: r["val_loss"])[:5]
+        recipes = thesis_recipes(backbone, lr) + [
+            (f"trial {r['trial_id']} (val loss {r['val_loss']:.3f})", r["configuration"]) for r in ranked]
+        paths.append(plot_block_rates(recipes, list(get_backbone(backbone).block_names()),
+                                      figures / "block_rates.png", base_lr=lr,
+                                      title=f"{backbone}: thesis recipes and the best {space} trials"))
     return paths
+
+
+def thesis_recipes(backbone, lr):
+    """The thesis' fixed fine-tuning recipes (4.3) for ``backbone``, as ``[(label, configuration)]``:
+    VGG16's last one and two blocks, InceptionV3 entirely; other backbones get the last one and
+    two blocks and all of them."""
+    name = get_backbone(backbone).name
+    depths = {"vgg16": [1, 2], "inceptionv3": ["all"]}.get(name, [1, 2, "all"])
+    return [(f"thesis: last {k} block{'s' if k != 1 else ''}" if k != "all" else "thesis: all blocks",
+             fixed_recipe(name, k, lr)) for k in depths]
 
 
 def _numeric(value):
@@ -206,15 +275,17 @@ def _file_lock(path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _check_arguments(backbone, max_trials, epochs, image_size, space, lr_range, protocol):
+def _check_arguments(backbone, max_trials, epochs, image_size, space, lr_range, protocol, oracle):
 
     name = get_backbone(backbone).name
     check_image_size(name, image_size)
     for label, value in (("max_trials", max_trials), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise KaryoError(f"{label} must be a positive whole number, not {value!r}")
-    if space not in ("thesis", "extended"):
-        raise KaryoError(f"unknown search space '{space}' (choose thesis or extended)")
+    if space not in SPACES:
+        raise KaryoError(f"unknown search space '{space}' (choose {', '.join(SPACES)})")
+    if oracle not in ORACLES:
+        raise KaryoError(f"unknown oracle '{oracle}' (choose {' or '.join(ORACLES)})")
     if protocol not in ("grouped", "thesis"):
         raise KaryoError(f"unknown split protocol '{protocol}' (choose grouped or thesis)")
     try:
@@ -266,7 +337,7 @@ def _pooled_dim(backbone, image_size):
 def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, image_size=416,
          weights="imagenet", space="thesis", seed=0, root=None, cache_dir=None, data_dir=None,
          overwrite=False, protocol="grouped", augmented=True, lr_range=LR_RANGE, verbose=0,
-         progress=True):
+         progress=True, oracle=None):
     """Bayesian search over learning rate and batch size (thesis 3.2); return best.json's content.
 
     Args:
@@ -277,8 +348,10 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         epochs: epochs per trial (per phase when blocks are unfrozen).
         image_size: input side in pixels (thesis: 416).
         weights: ``imagenet``, ``none``, ``auto`` or a weights file.
-        space: ``thesis`` (learning rate, batch size) or ``extended`` (also the number of
-            unfrozen blocks and the dropout rate).
+        space: ``thesis`` (learning rate, batch size), ``extended`` (also the number of
+            unfrozen blocks and the dropout rate) or ``biotune`` (BioTune's genome: a gene per
+            block and a threshold gene choose which blocks fine-tune and at which rate, the head
+            phase at the thesis' rate and batch size; see ``karyo.models.selective``).
         seed: seeds the split, the augmentation, every trial's initialisation and the oracle.
         root: folder the manifest's paths are relative to (default: the manifest's folder).
         cache_dir: feature cache (default ``karyo.models.features.default_cache_dir()``, shared with
@@ -291,6 +364,9 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         verbose: 0 quiet; 1 keras-tuner's trial tables and Keras progress bars; 2 one line
             per epoch.
         progress: with ``verbose=0``, a progress bar over the trials.
+        oracle: ``bayesian`` (keras-tuner's Gaussian process) or ``evolution`` (a genetic
+            algorithm, :class:`karyo.experiments.tuner.EvolutionOracle`, population
+            :data:`POPULATION_SIZE`); default :func:`default_oracle` of the space.
 
     Returns:
         The content of ``out_dir/best.json``: ``hyperparameters`` (``lr``, ``batch_size``,
@@ -305,8 +381,9 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
     """
     check_search_extras()
     role = search_role()
+    oracle = default_oracle(space) if oracle is None else oracle
     backbone, lr_range = _check_arguments(backbone, max_trials, epochs, image_size, space,
-                                          lr_range, protocol)
+                                          lr_range, protocol, oracle)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise KaryoError(f"{out_dir}: exists and is not a folder; choose another --out")
@@ -350,8 +427,10 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         "dropout_range": list(DROPOUT_RANGE) if space == "extended" else [DEFAULT_DROPOUT],
         "dense_units": DEFAULT_DENSE_UNITS, "epochs": int(epochs),
         "fine_tune_lr": FINE_TUNE_LEARNING_RATE, "seed": int(seed), "protocol": protocol,
-        "augmented": bool(augmented),
+        "augmented": bool(augmented), "oracle": oracle,
     }
+    if space == "biotune":
+        settings["blocks"] = list(get_backbone(backbone).block_names())
     if role != "worker":
         _check_settings(out_dir, settings, max_trials)
 
@@ -361,13 +440,19 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         weights_arg, weights_used, _ = starting_weights(weights, backbone, int(image_size))
         cache_key = [backbone, weights_identity(weights_used, weights_arg, seed), int(image_size)]
 
-    oracle = SearchOracle(
+    extra = {}
+    if oracle == "evolution":
+        extra = {"population_size": POPULATION_SIZE}
+        if space == "biotune":
+            extra["phenotype"] = functools.partial(trial_phenotype, backbone=backbone,
+                                                   fine_tune_lr=FINE_TUNE_LEARNING_RATE)
+    searcher = (EvolutionOracle if oracle == "evolution" else SearchOracle)(
         objective=keras_tuner.Objective("val_loss", direction="min"), max_trials=int(max_trials),
         # keras-tuner reads seed 0 as "no seed": shift it.
         seed=int(seed) + 1,
         # Its own stop after 3 consecutive failures would end a search on a run of
         # out-of-memory batch sizes and, in a chief, leave its lock held (a deadlock).
-        max_consecutive_failed_trials=10 ** 9)
+        max_consecutive_failed_trials=10 ** 9, **extra)
     hypermodel = KaryogramHyperModel(backbone, int(image_size), weights_arg, cache_key, space, lr_range,
                                      batch_sizes, epochs, seed, 0, cache_dir, DEFAULT_DENSE_UNITS,
                                      DEFAULT_DROPOUT, FINE_TUNE_LEARNING_RATE,
@@ -389,7 +474,7 @@ def tune(manifest_path, out_dir, backbone="vgg16", max_trials=20, epochs=10, ima
         bar = tqdm(total=int(max_trials), desc="trials", unit="trial", leave=False)
     # keras-tuner prints "Reloading Tuner from ..." whatever its verbosity.
     with contextlib.redirect_stdout(io.StringIO()) if verbose == 0 else contextlib.nullcontext():
-        tuner = SearchTuner(oracle, hypermodel, directory=str(out_dir), project_name=PROJECT_NAME,
+        tuner = SearchTuner(searcher, hypermodel, directory=str(out_dir), project_name=PROJECT_NAME,
                             overwrite=False, progress=bar, quiet=verbose == 0)
     if bar is not None and role == "standalone":
         bar.update(sum(t.status in ("COMPLETED", "FAILED") for t in tuner.oracle.trials.values()))
@@ -445,10 +530,14 @@ def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels,
     """Write trials.csv, the figures and best.json; raise if no trial completed."""
 
     fixed = {"dropout": DEFAULT_DROPOUT, "unfreeze": 0, "dense_units": DEFAULT_DENSE_UNITS}
-    rows = _trial_rows(oracle, project_dir, fixed)
+    if settings["space"] == "biotune":  # the head phase's rate and batch size are the thesis'
+        batch = settings["batch_sizes"]
+        fixed.update(lr=THESIS_LR, batch_size=THESIS_BATCH_SIZE if THESIS_BATCH_SIZE in batch else batch[0])
+    rows = _trial_rows(oracle, project_dir, fixed, settings)
     for row in rows:
-        row["unfreeze"] = unfreeze_value(row["unfreeze"] or 0, settings["backbone"])
-    write_csv(out_dir / "trials.csv", rows, TRIAL_COLUMNS)
+        row["unfreeze"] = ("" if settings["space"] == "biotune"
+                           else unfreeze_value(row["unfreeze"] or 0, settings["backbone"]))
+    write_csv(out_dir / "trials.csv", [{k: r[k] for k in TRIAL_COLUMNS} for r in rows], TRIAL_COLUMNS)
     completed = [r for r in rows if r["status"] == "completed" and r["val_loss"] is not None]
     failed = [r for r in rows if r["status"] == "failed"]
     if not completed:
@@ -458,18 +547,24 @@ def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels,
         why = f"{stopped}; " if stopped else ""
         raise KaryoError(f"no trial of the search completed ({why}{len(failed)} failed; the first "
                          f"error: {first}); see {out_dir / 'trials.csv'}")
-    _write_figures(out_dir, rows, settings["space"])
+    _write_figures(out_dir, rows, settings)
     # keras-tuner's own ranking of the trials by the objective (the validation loss).
     best_id = oracle.get_best_trials(1)[0].trial_id
     best = next(r for r in completed if r["trial_id"] == best_id)
+    keys = ("lr", "batch_size", "dropout", "unfreeze", "dense_units")
+    if settings["space"] == "biotune":
+        # karyo train fine-tunes the last k blocks at one rate; a biotune recipe is not that,
+        # so best.json gives no "unfreeze" (the head's values only) and the recipe beside it.
+        keys = ("lr", "batch_size", "dropout", "dense_units")
     result = {
-        "hyperparameters": {k: best[k] for k in ("lr", "batch_size", "dropout", "unfreeze",
-                                                 "dense_units")},
+        "hyperparameters": {k: best[k] for k in keys},
+        "trained_blocks": best["trained_blocks"].split("+") if best["trained_blocks"] else [],
+        "block_rates": {b: r for b, r in best["configuration"].items() if r is not None},
         "val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
         "trial_id": best["trial_id"], "completed_trials": len(completed),
         "failed_trials": len(failed), "max_trials": int(max_trials), "objective": "val_loss",
-        "searched": ["lr", "batch_size"] + (["unfreeze", "dropout"]
-                                            if settings["space"] == "extended" else []),
+        "searched": _searched(settings),
+        "oracle": settings["oracle"],
         "weights_used": weights_used,
         "counts": {p: {lab: int((labels[p] == i).sum()) for i, lab in enumerate(KARYOGRAM_LABELS)}
                    for p in parts},
@@ -480,3 +575,10 @@ def _finish(out_dir, oracle, project_dir, settings, weights_used, parts, labels,
     }
     atomic_write_text(out_dir / "best.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _searched(settings):
+    """The hyperparameters a search chose (best.json's ``searched``)."""
+    if settings["space"] == "biotune":
+        return [gene_name(b) for b in settings["blocks"]] + [THRESHOLD_GENE]
+    return ["lr", "batch_size"] + (["unfreeze", "dropout"] if settings["space"] == "extended" else [])

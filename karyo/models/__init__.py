@@ -13,7 +13,18 @@ import lazy_loader
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submodules=['backbones', 'detector', 'explain', 'features', 'layers', 'network', 'saving', 'unfreeze', 'weights'],
+    submodules=[
+        'backbones',
+        'detector',
+        'explain',
+        'features',
+        'layers',
+        'network',
+        'saving',
+        'selective',
+        'unfreeze',
+        'weights',
+    ],
     submod_attrs={
         'backbones': [
             'Block', 'Backbone', 'list_backbones', 'get_backbone', 'check_image_size', 'BlockSpan', 'layer_graph',
@@ -35,6 +46,10 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'split_model', 'build_backbone',
         ],
         'saving': ['load_model'],
+        'selective': [
+            'rate_ratio', 'biotune_configuration', 'first_trained_block', 'train_blocks', 'scaled_optimizer',
+            'fixed_recipe',
+        ],
         'unfreeze': ['unfreeze_blocks', 'trainable_layer_names'],
         'weights': [
             'keras_cache_dir', 'imagenet_weights_path', 'fetch_imagenet_weights', 'resolve_weights',
