@@ -32,6 +32,23 @@ def blob_image(seed, size=48, abnormal=False):
     return image
 
 
+def write_blob_manifest(root, normal, abnormal):
+    """``normal`` + ``abnormal`` blob images (:func:`blob_image`) in ``root``, one case each; the manifest's path."""
+    import cv2
+
+    from karyo.data.manifest import write_manifest
+
+    root = Path(root)
+    rows = []
+    for label, count in (("normal", normal), ("abnormal", abnormal)):
+        for i in range(count):
+            path = f"{label}_{i}.png"
+            cv2.imwrite(str(root / path), blob_image(i + 100 * (label == "abnormal"), abnormal=label == "abnormal"))
+            rows.append({"path": path, "label": label, "group": f"{label}{i}"})
+    write_manifest(root / "manifest.csv", rows)
+    return root / "manifest.csv"
+
+
 def write_karyograms(root, normal=18, abnormal=12, size=80):
     """``normal/`` and ``abnormal/`` folders of bars on white, and their manifest (one group each).
 

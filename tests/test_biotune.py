@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from karyo.errors import KaryoError
-from karyo.data.manifest import write_manifest
-from tests.common import TINY_TUNE as TINY, blob_image
+from tests.common import TINY_TUNE as TINY, write_blob_manifest
 
 pytest.importorskip("keras_tuner")
 
@@ -240,17 +239,7 @@ def test_evolution_never_runs_two_genomes_that_train_the_same_blocks_at_the_same
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """12 normal + 8 abnormal images, one case each."""
-    import cv2
-
-    root = tmp_path_factory.mktemp("karyograms")
-    rows = []
-    for label, count in (("normal", 12), ("abnormal", 8)):
-        for i in range(count):
-            path = f"{label}_{i}.png"
-            cv2.imwrite(str(root / path), blob_image(i + 100 * (label == "abnormal"), abnormal=label == "abnormal"))
-            rows.append({"path": path, "label": label, "group": f"{label}{i}"})
-    write_manifest(root / "manifest.csv", rows)
-    return root / "manifest.csv"
+    return write_blob_manifest(tmp_path_factory.mktemp("karyograms"), 12, 8)
 
 
 @pytest.mark.slow  # 26-35 s on 2 loaded cores: three trials, each building VGG16 and compiling

@@ -16,7 +16,7 @@ import pytest
 
 from karyo.errors import KaryoError
 from karyo.data.manifest import read_manifest, write_manifest
-from tests.common import TINY_TUNE as TINY, blob_image, subprocess_env, trial_json
+from tests.common import TINY_TUNE as TINY, subprocess_env, trial_json, write_blob_manifest
 
 pytest.importorskip("keras_tuner")
 
@@ -26,17 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """15 normal + 10 abnormal images, one case each."""
-    import cv2
-
-    root = tmp_path_factory.mktemp("karyograms")
-    rows = []
-    for label, count in (("normal", 15), ("abnormal", 10)):
-        for i in range(count):
-            path = f"{label}_{i}.png"
-            cv2.imwrite(str(root / path), blob_image(i + 100 * (label == "abnormal"), abnormal=label == "abnormal"))
-            rows.append({"path": path, "label": label, "group": f"{label}{i}"})
-    write_manifest(root / "manifest.csv", rows)
-    return root / "manifest.csv"
+    return write_blob_manifest(tmp_path_factory.mktemp("karyograms"), 15, 10)
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         'abnormal_cells': ['slot_labels', 'make_abnormal', 'abnormal_karyogram', 'cell_slot_labels', 'split_cells'],
         'assemble': [
             'slot_of', 'read_cells', 'cell_crops', 'folder_crops', 'is_cell_folder', 'find_cell_folders',
-            'load_crop', 'is_dark_field', 'trim', 'upright', 'prepare_cell', 'prepare_folder', 'main_object',
-            'normalise_contrast', 'prepare_crops', 'assemble_cell', 'assemble_folder', 'safe_file_name',
-            'assemble_cells', 'pad_square', 'chromosome_manifest',
+            'load_crop', 'is_dark_field', 'trim', 'upright', 'rotate_whole', 'prepare_cell', 'prepare_folder',
+            'main_object', 'normalise_contrast', 'prepare_crops', 'assemble_cell', 'assemble_folder',
+            'safe_file_name', 'assemble_cells', 'pad_square', 'chromosome_manifest',
         ],
         'chromosome_synth': ['default_crop_size', 'synthetic_chromosomes'],
         'degrade': ['degrade_crop', 'degrade_cell'],

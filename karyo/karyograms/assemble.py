@@ -229,15 +229,23 @@ def upright(crop, background):
     straight = widths[np.argmin(np.abs(angles))]
     if abs(turn) < UPRIGHT_MIN_DEGREES or widths[best] > 0.9 * straight:
         return crop
-    h, w = crop.shape
-    rot = cv2.getRotationMatrix2D((w / 2, h / 2), turn, 1.0)
+    return trim(rotate_whole(crop, turn, background), background)
+
+
+def rotate_whole(image, degrees, fill):
+    """``image`` (2-D) rotated by ``degrees`` about its centre onto a canvas large enough to keep all of it.
+
+    The corners the rotation uncovers are ``fill``."""
+    import cv2
+
+    h, w = image.shape
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
     cos, sin = abs(rot[0, 0]), abs(rot[0, 1])
     nw, nh = int(math.ceil(h * sin + w * cos)), int(math.ceil(h * cos + w * sin))
     rot[0, 2] += nw / 2 - w / 2
     rot[1, 2] += nh / 2 - h / 2
-    turned = cv2.warpAffine(crop, rot, (nw, nh), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=int(background))
-    return trim(turned, background)
+    return cv2.warpAffine(image, rot, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=int(fill))
 
 
 def prepare_cell(cells_dir, cell, straighten=True, clean=False):

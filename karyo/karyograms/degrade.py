@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from karyo.karyograms.assemble import rotate_whole
 from karyo.karyograms.layout import WHITE
 
 #: Largest rotation (degrees), bend (share of the length), width loss and contrast loss at strength 1.
@@ -59,18 +60,6 @@ def _bend(dark, amount):
     ys, xs = np.mgrid[0:h, 0:w + 2 * pad].astype(np.float32)
     shift = amount * np.sin(np.pi * ys / max(h - 1, 1))
     return cv2.remap(canvas, (xs - shift).astype(np.float32), ys, interpolation=cv2.INTER_LINEAR, borderValue=0)
-
-
-def _rotate(dark, degrees):
-    import cv2
-
-    h, w = dark.shape
-    rot = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
-    cos, sin = abs(rot[0, 0]), abs(rot[0, 1])
-    nw, nh = int(math.ceil(h * sin + w * cos)), int(math.ceil(h * cos + w * sin))
-    rot[0, 2] += nw / 2 - w / 2
-    rot[1, 2] += nh / 2 - h / 2
-    return cv2.warpAffine(dark, rot, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0)
 
 
 def _fragment(dark, neighbour, rng):
@@ -129,7 +118,7 @@ def degrade_crop(crop, rng, background=WHITE, neighbour=None, strength=1.0, effe
     if "bending" in effects:
         dark = _bend(dark, rng.choice([-1.0, 1.0]) * strength * rng.uniform(0, MAX_BEND) * dark.shape[0])
     if "rotation" in effects:
-        dark = _rotate(dark, strength * rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+        dark = rotate_whole(dark, strength * rng.uniform(-MAX_ROTATION, MAX_ROTATION), 0)
     if "fragments" in effects and neighbour is not None and rng.random() < FRAGMENT_CHANCE * strength:
         dark = _fragment(dark, _darkness(np.asarray(neighbour), background), rng)
     return _from_darkness(dark, background)

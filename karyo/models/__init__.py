@@ -50,7 +50,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             'rate_ratio', 'biotune_configuration', 'first_trained_block', 'train_blocks', 'scaled_optimizer',
             'fixed_recipe',
         ],
-        'unfreeze': ['unfreeze_blocks', 'trainable_layer_names'],
+        'unfreeze': ['sublayers', 'unfreeze_blocks', 'trainable_layer_names'],
         'weights': [
             'keras_cache_dir', 'imagenet_weights_path', 'fetch_imagenet_weights', 'resolve_weights',
             'weights_identity', 'load_backbone_weights',

@@ -26,6 +26,7 @@ import keras
 from karyo.errors import KaryoError
 from karyo.models.backbones import get_backbone
 from karyo.models.network import BACKBONE_NAME, backbone_blocks, part
+from karyo.models.unfreeze import sublayers
 
 
 def rate_ratio(gene):
@@ -76,12 +77,6 @@ def first_trained_block(configuration):
     return next((i for i, rate in enumerate(configuration.values()) if rate is not None), None)
 
 
-def _sublayers(layer):
-    yield layer
-    for sub in getattr(layer, "layers", None) or ():
-        yield from _sublayers(sub)
-
-
 def train_blocks(model, names, train_batchnorm=False):
     """Make the backbone's blocks ``names`` trainable (any subset) and freeze the rest of it.
 
@@ -112,7 +107,7 @@ def train_blocks(model, names, train_batchnorm=False):
         for layer in span.layers:
             layer.trainable = on
             if on and not train_batchnorm:
-                for sub in _sublayers(layer):
+                for sub in sublayers(layer):
                     if isinstance(sub, keras.layers.BatchNormalization):
                         sub.trainable = False
         if on:

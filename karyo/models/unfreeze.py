@@ -29,11 +29,11 @@ from karyo.models.network import BACKBONE_NAME, backbone_blocks, n_blocks_arg, p
 FINE_TUNE_LEARNING_RATE = 1e-5
 
 
-def _sublayers(layer):
+def sublayers(layer):
     """``layer`` and, for a nested model, every layer inside it."""
     yield layer
     for sub in getattr(layer, "layers", None) or ():
-        yield from _sublayers(sub)
+        yield from sublayers(sub)
 
 
 def unfreeze_blocks(model, n, train_batchnorm=False):
@@ -64,7 +64,7 @@ def unfreeze_blocks(model, n, train_batchnorm=False):
         for layer in span.layers:
             layer.trainable = id(layer) in chosen
             if id(layer) in chosen and not train_batchnorm:
-                for sub in _sublayers(layer):
+                for sub in sublayers(layer):
                     if isinstance(sub, keras.layers.BatchNormalization):
                         sub.trainable = False
     return model
