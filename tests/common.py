@@ -49,6 +49,24 @@ def write_blob_manifest(root, normal, abnormal):
     return root / "manifest.csv"
 
 
+def tiny_search_data(cache_dir):
+    """``(cache_key, data)`` of a search trial on 12 + 4 random 32-px images for VGG16 from random weights.
+
+    ``data`` is what ``tuner.search(data=...)`` hands a ``KaryogramHyperModel``: ``images``, ``labels`` and
+    the frozen backbone's ``pooled`` features (cached in ``cache_dir`` under ``cache_key + ["pooled"]``).
+    """
+    from karyo.models.features import cached_features
+    from karyo.models.network import build_model, split_model
+
+    rng = np.random.default_rng(0)
+    images = {p: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for p, n in (("train", 12), ("val", 4))}
+    labels = {p: np.arange(len(images[p])) % 2 for p in images}
+    key = ["vgg16", "none:seed=0", 32]
+    frozen, _ = split_model(build_model("vgg16", 32, seed=0), 0)
+    pooled = {p: cached_features(frozen, images[p], key + ["pooled"], cache_dir, progress=False) for p in images}
+    return key, {"images": images, "labels": labels, "pooled": pooled}
+
+
 def write_karyograms(root, normal=18, abnormal=12, size=80):
     """``normal/`` and ``abnormal/`` folders of bars on white, and their manifest (one group each).
 

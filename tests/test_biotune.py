@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from karyo.errors import KaryoError
-from tests.common import TINY_TUNE as TINY, write_blob_manifest
+from tests.common import TINY_TUNE as TINY, tiny_search_data, write_blob_manifest
 
 pytest.importorskip("keras_tuner")
 
@@ -115,18 +115,10 @@ def test_biotune_trials_train_their_blocks_only_and_share_the_cache_by_cut_point
     import keras_tuner
 
     from karyo.experiments.hypermodel import KaryogramHyperModel
-    from karyo.models.features import cached_features
-    from karyo.models.network import build_model, split_model
 
-    rng = np.random.default_rng(0)
-    images = {p: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for p, n in (("train", 12), ("val", 4))}
-    labels = {p: np.arange(len(images[p])) % 2 for p in images}
-    key = ["vgg16", "none:seed=0", 32]
-    frozen, _ = split_model(build_model("vgg16", 32, seed=0), 0)
-    pooled = {p: cached_features(frozen, images[p], key + ["pooled"], tmp_path, progress=False) for p in images}
+    key, data = tiny_search_data(tmp_path)
     hypermodel = KaryogramHyperModel("vgg16", 32, None, key, "biotune", (1e-4, 1e-2), [8], 1, 0,
-                                     pooled["train"].shape[-1], tmp_path, 16, 0.5, 1e-3)
-    data = {"images": images, "labels": labels, "pooled": pooled}
+                                     data["pooled"]["train"].shape[-1], tmp_path, 16, 0.5, 1e-3)
     hp = keras_tuner.HyperParameters()
     hypermodel.declare_hyperparameters(hp)
     assert set(hp.values) == {f"gene_block{k}" for k in range(1, 6)} | {"threshold"}

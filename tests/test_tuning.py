@@ -16,7 +16,7 @@ import pytest
 
 from karyo.errors import KaryoError
 from karyo.data.manifest import read_manifest, write_manifest
-from tests.common import TINY_TUNE as TINY, subprocess_env, trial_json, write_blob_manifest
+from tests.common import TINY_TUNE as TINY, subprocess_env, tiny_search_data, trial_json, write_blob_manifest
 
 pytest.importorskip("keras_tuner")
 
@@ -258,21 +258,12 @@ def test_a_diverged_trial_fails_instead_of_scoring_nan():
 def test_extended_space_fine_tunes_blocks_on_cached_frozen_output(tmp_path):
     import keras_tuner
 
-    from karyo.models.features import cached_features
-    from karyo.models.network import build_model, split_model
     from karyo.experiments.hypermodel import KaryogramHyperModel
 
-    rng = np.random.default_rng(0)
-    images = {p: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for p, n in (("train", 12), ("val", 4))}
-    labels = {p: np.arange(len(images[p])) % 2 for p in images}
-    key = ["vgg16", "none:seed=0", 32]
-    frozen, _ = split_model(build_model("vgg16", 32, seed=0), 0)
-    pooled = {p: cached_features(frozen, images[p], key + ["pooled"], tmp_path, progress=False)
-              for p in images}
+    key, data = tiny_search_data(tmp_path)
     hypermodel = KaryogramHyperModel(
-        "vgg16", 32, None, key, "extended", (1e-4, 1e-2), [8], 1, 0, pooled["train"].shape[-1],
+        "vgg16", 32, None, key, "extended", (1e-4, 1e-2), [8], 1, 0, data["pooled"]["train"].shape[-1],
         tmp_path, 16, 0.5, 1e-5)
-    data = {"images": images, "labels": labels, "pooled": pooled}
     hp = keras_tuner.HyperParameters()
     hypermodel.declare_hyperparameters(hp)
     assert set(hp.values) == {"lr", "batch_size", "unfreeze", "dropout"}
